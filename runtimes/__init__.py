@@ -1,0 +1,1 @@
+"""Runtimes: each loads one kind of exported artifact, generates, and is benchmarked."""

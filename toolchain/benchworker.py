@@ -1,0 +1,53 @@
+"""Benchmark one runtime on one artifact in a fresh process.
+
+Each measurement runs in its own process so peak memory belongs to that runtime alone and a
+runtime that crashes (a llama.cpp build dying with SIGILL, say) cannot take the run down.
+
+    python -m toolchain.benchworker JOB.json RESULT.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run_job(job: dict) -> dict:
+    from runtimes.base import quality_against, rss_mb
+    from toolchain.benchschema import BenchSettings
+    from toolchain.registry import RUNTIMES
+
+    rss0 = rss_mb()
+    cls = RUNTIMES.get(job["runtime"]).load()
+    rt = cls(job["artifact"], threads=job["settings"]["threads"], **job.get("options", {}))
+    t = time.perf_counter()
+    rt.load()
+    load_s = time.perf_counter() - t
+    ref_dir = Path(job["reference"])
+    ref = json.loads((ref_dir / "reference.json").read_text())
+    settings = BenchSettings(**job["settings"])
+    result = rt.bench(ref["bench_prompt_ids"], settings, target=job["target"], load_s=load_s, rss_before_load=rss0)
+    logits = rt.logits(ref["quality_ids"])
+    greedy = [rt.generate(ids, job["greedy_tokens"], ref["stop_ids"]) for ids in ref["greedy_prompt_ids"]]
+    result.quality = quality_against(np.load(ref_dir / "logprobs.npy"), logits, ref["quality_ids"],
+                                     ref["greedy_outputs"], greedy)
+    out = result.to_dict()
+    out["greedy_outputs"] = greedy
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    job = json.loads(Path(argv[0]).read_text())
+    result = run_job(job)
+    tmp = Path(argv[1] + ".tmp")
+    tmp.write_text(json.dumps(result, default=float))
+    tmp.replace(argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

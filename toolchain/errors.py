@@ -1,0 +1,59 @@
+"""User-facing errors.
+
+Every error a user can cause names the place (file, line, key), the rule, the value received and
+the fix. They are raised, never asserted, and the CLI prints them without a traceback.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with user input."""
+
+    where: str  # "recipe.yaml: train.lora.rank" or "data.jsonl:17"
+    rule: str  # "must be a positive integer"
+    value: object = None
+    fix: str = ""
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.rule}, got {self.value!r}"
+        if self.fix:
+            text += f" (fix: {self.fix})"
+        return text
+
+
+class EdgesmithError(Exception):
+    """Base class for errors the CLI reports as a clean message (exit code 2)."""
+
+
+class UserInputError(EdgesmithError):
+    """One or more problems with a recipe, dataset or command line, reported all at once."""
+
+    def __init__(self, title: str, problems: list[Problem]):
+        self.title = title
+        self.problems = list(problems)
+        lines = [f"{title} ({len(self.problems)} problem{'s' if len(self.problems) != 1 else ''}):"]
+        lines += [f"  - {p}" for p in self.problems]
+        super().__init__("\n".join(lines))
+
+
+class RecipeError(UserInputError):
+    """The recipe failed validation."""
+
+
+class DataError(UserInputError):
+    """The dataset has rows that cannot be used."""
+
+
+class ModelSourceError(EdgesmithError):
+    """The model source cannot be resolved (missing file, offline hub, unsupported format)."""
+
+
+class StageError(EdgesmithError):
+    """A stage failed in a way the user should see plainly (e.g. non-finite merged weights)."""
+
+
+class PreflightError(EdgesmithError):
+    """An exporter or runtime cannot handle this model or setting; raised before any work."""

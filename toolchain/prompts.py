@@ -1,0 +1,34 @@
+"""Fixed texts every target is measured on: the quality text, greedy prompts and the bench prompt.
+
+They are part of the reference stage's config, so changing them re-measures every target.
+"""
+from __future__ import annotations
+
+# Held-out prose for perplexity / KL / top-1 (written for this project).
+QUALITY_TEXT = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a small tin of oil "
+    "and a cloth for the lens. In winter the wind came straight off the sea, and the glass rattled in its "
+    "frame. She kept a logbook on the desk by the window: the time the lamp was lit, the ships that passed, "
+    "and the weather, written in a careful hand. Most nights were quiet. Once, in a storm that lasted three "
+    "days, a fishing boat lost its engine and drifted toward the rocks, and she watched its lights through "
+    "the rain until the lifeboat reached it.\n\n"
+    "To make bread, mix flour, water, salt and yeast, then knead the dough until it is smooth and elastic. "
+    "Let it rise in a warm place for about an hour, shape it into a loaf, and bake it in a hot oven until "
+    "the crust is brown and the bottom sounds hollow when tapped.\n\n"
+    "def fibonacci(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a\n\n"
+    "Photosynthesis turns light, water and carbon dioxide into sugar and oxygen. It happens in the "
+    "chloroplasts of plant cells, where chlorophyll absorbs mostly red and blue light."
+)
+
+# Chat prompts whose greedy continuation must match the reference on every target.
+GREEDY_PROMPTS = [
+    [{"role": "user", "content": "What is the capital of France?"}],
+    [{"role": "user", "content": "Write one sentence about the sea."}],
+    [{"role": "user", "content": "List three primary colours."}],
+    [{"role": "user", "content": "Explain in one sentence what a compiler does."}],
+    [{"role": "user", "content": "Give me a tip for learning to cook."}],
+    [{"role": "user", "content": "What is 12 times 7?"}],
+]
+
+# The benchmark prompt: long enough for prompt_tokens up to a few hundred tokens.
+BENCH_PROMPT = [{"role": "user", "content": "Summarise the following text in two sentences.\n\n" + QUALITY_TEXT}]

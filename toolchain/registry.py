@@ -1,0 +1,93 @@
+"""Exporters and runtimes, registered by name in one readable table and imported lazily.
+
+`edgesmith targets` reads these tables without importing any target module, so it works with
+no extra installed. A duplicate name is refused when the table is built.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from dataclasses import dataclass
+
+from toolchain.errors import EdgesmithError
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    target: str  # "package.module:attribute"
+    extra: str | None  # pip extra that installs what it needs: pip install 'edgesmith[extra]'
+    requires: tuple[str, ...]  # importable modules it needs
+    summary: str
+    config: str | None = None  # "package.module:ConfigClass" validating the recipe's options
+
+    def missing(self) -> list[str]:
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    def installed(self) -> bool:
+        return not self.missing()
+
+    def load(self):
+        missing = self.missing()
+        if missing:
+            hint = f"pip install 'edgesmith[{self.extra}]'" if self.extra else f"pip install {' '.join(missing)}"
+            raise EdgesmithError(f"{self.name!r} needs {', '.join(missing)}, which is not installed (fix: {hint})")
+        return _resolve(self.target)
+
+    def config_class(self):
+        """The options dataclass (its module must import nothing heavy), or None."""
+        return _resolve(self.config) if self.config else None
+
+
+def _resolve(dotted: str):
+    module, _, attr = dotted.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+class Registry:
+    def __init__(self, kind: str, rows: list[Entry]):
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+        for row in rows:
+            self.add(row)
+
+    def add(self, entry: Entry) -> None:
+        if entry.name in self._entries:
+            raise EdgesmithError(f"{self.kind} {entry.name!r} is registered twice "
+                                 f"({self._entries[entry.name].target} and {entry.target})")
+        self._entries[entry.name] = entry
+
+    def get(self, name: str) -> Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise EdgesmithError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._entries))}") from None
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __iter__(self):
+        return iter(self._entries.values())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+
+#                name            module:attribute                                  extra   needs
+EXPORTERS = Registry("exporter", [
+    Entry("onnx", "exporters.onnx:export", "onnx", ("onnx", "numpy"),
+          "ONNX decoder with KV cache (past/present), for onnxruntime",
+          config="exporters.onnx.config:OnnxExportConfig"),
+])
+
+RUNTIMES = Registry("runtime", [
+    Entry("torch", "runtimes.torch_runtime:TorchRuntime", None, ("torch", "transformers"),
+          "PyTorch + transformers on the merged model: the reference"),
+    Entry("onnxruntime", "runtimes.onnxruntime_runtime:OnnxRuntime", "onnx", ("onnxruntime",),
+          "onnxruntime CPU execution provider with a KV-cache loop"),
+])
+
+# Which runtimes can run each exporter's output by default.
+DEFAULT_RUNTIMES = {
+    "onnx": ["onnxruntime"],
+}

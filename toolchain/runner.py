@@ -1,0 +1,137 @@
+"""Runs a plan of stages through the artifact cache.
+
+For each stage in order: compute its key from (kind, config, input manifest hashes); if an
+artifact with that key is whole, reuse it; else run the stage into ``<dir>.partial`` and rename
+it into place. ``--dry-run`` prints the same decisions without running anything.
+"""
+from __future__ import annotations
+
+import shutil
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from toolchain.artifacts import Artifact, ArtifactStore, stage_key, write_json_atomic
+from toolchain.errors import EdgesmithError, StageError
+from toolchain.stages import Context, Stage, plan
+
+
+@dataclass
+class Step:
+    stage: Stage
+    key: str | None  # None when an input will change (unknown until it runs)
+    status: str  # "cached" | "run" | "skip"
+    reason: str = ""
+    wall_s: float = 0.0
+
+
+def select(stages: list[Stage], until: str | None = None, only: list[str] | None = None) -> list[Stage]:
+    """Stages needed to produce ``until`` (a kind or id) or the ``only`` ids, with their inputs."""
+    if until is None and not only:
+        return stages
+    by_id = {s.id: s for s in stages}
+    wanted = set(only or [])
+    if until:
+        wanted |= {s.id for s in stages if s.kind == until or s.id == until}
+        if not wanted:
+            raise EdgesmithError(f"the recipe has no {until!r} stage (stages: {', '.join(by_id)})")
+    needed: set[str] = set()
+    def add(sid: str):
+        if sid not in needed:
+            needed.add(sid)
+            for dep in by_id[sid].inputs:
+                add(dep)
+    for sid in wanted:
+        add(sid)
+    return [s for s in stages if s.id in needed]
+
+
+class Runner:
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.run_dir = ctx.recipe.run_dir()
+        self.store = ArtifactStore(self.run_dir)
+        self.stages = plan(ctx.recipe)
+
+    def decide(self, stages: list[Stage], force: set[str] = frozenset()) -> list[Step]:
+        """What would happen: cached or run, with keys where they can be known in advance."""
+        hashes: dict[str, str | None] = {}
+        steps = []
+        for s in stages:
+            inputs = {i: hashes.get(i) for i in s.inputs}
+            if any(h is None for h in inputs.values()):
+                steps.append(Step(s, None, "run", "an input will be rebuilt"))
+                hashes[s.id] = None
+                continue
+            key = stage_key(s.kind, s.config, inputs)
+            art = self.store.lookup(s.id, key)
+            if art is not None and not (s.id in force or s.kind in force):
+                steps.append(Step(s, key, "cached"))
+                hashes[s.id] = art.hash
+            else:
+                reason = "forced" if art is not None else "no artifact for this config and inputs"
+                steps.append(Step(s, key, "run", reason))
+                hashes[s.id] = None
+        return steps
+
+    def execute(self, stages: list[Stage], force: set[str] = frozenset()) -> list[Step]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        arts: dict[str, Artifact] = {}
+        steps: list[Step] = []
+        total = len(stages)
+        t_run = time.perf_counter()
+        for n, s in enumerate(stages, 1):
+            inputs = {i: arts[i] for i in s.inputs}
+            key = stage_key(s.kind, s.config, {i: a.hash for i, a in inputs.items()})
+            art = self.store.lookup(s.id, key)
+            if art is not None and not (s.id in force or s.kind in force):
+                self.store.link(s.id, art.path)
+                self.ctx.log(f"[{n}/{total}] {s.id}: cached ({art.path.name})")
+                arts[s.id] = art
+                steps.append(Step(s, key, "cached"))
+                continue
+            self.ctx.log(f"[{n}/{total}] {s.id}: {s.summary} ...")
+            partial = self.store.partial_path(s.id, key)
+            if partial.exists() and not (self.ctx.resume and s.kind == "train"):
+                shutil.rmtree(partial)
+            partial.mkdir(parents=True, exist_ok=True)
+            t = time.perf_counter()
+            try:
+                if s.kind == "report":
+                    self.ctx.steps = steps  # the report lists what ran and what was cached
+                figures = s.run(self.ctx, inputs, partial)
+            except EdgesmithError:
+                raise
+            except Exception as exc:
+                (partial / "error.log").write_text(traceback.format_exc())
+                raise StageError(f"stage {s.id} failed: {type(exc).__name__}: {exc} "
+                                 f"(traceback in {partial / 'error.log'})") from exc
+            wall = time.perf_counter() - t
+            art = self.store.commit(s.id, s.kind, key, s.config, {i: a.hash for i, a in inputs.items()},
+                                    figures or {}, wall)
+            arts[s.id] = art
+            steps.append(Step(s, key, "run", wall_s=wall))
+            self.ctx.log(f"[{n}/{total}] {s.id}: done in {wall:.1f}s -> {art.path}")
+        self._write_index(steps, time.perf_counter() - t_run)
+        return steps
+
+    def _write_index(self, steps: list[Step], wall: float) -> None:
+        write_json_atomic(self.run_dir / "run.json", {
+            "recipe": str(self.ctx.recipe.recipe_path), "wall_s": wall,
+            "stages": [{"stage": st.stage.id, "key": st.key, "status": st.status, "wall_s": st.wall_s}
+                       for st in steps]})
+        for name in ("report.html", "report.md", "report.json"):
+            src = self.run_dir / "report" / name
+            if src.exists():
+                _link_file(self.run_dir / name, src)
+
+
+def _link_file(link: Path, target: Path) -> None:
+    import os
+
+    tmp = link.with_name(f".{link.name}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(os.path.relpath(target, link.parent), tmp)
+    os.replace(tmp, link)

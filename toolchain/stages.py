@@ -1,0 +1,217 @@
+"""The stages of a run and how a recipe becomes a plan of them.
+
+A stage is a function from input artifact directories to one output directory, plus the config
+its cache key hashes. Adding a capability (prune, calibrate, DPO, a new target) means adding a
+stage builder here and a module for its work, not changing the runner.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from toolchain.artifacts import Artifact, fingerprint_path
+from toolchain.errors import EdgesmithError, StageError
+from toolchain.recipe import Recipe
+
+ROLE_ORDER = ("model", "data", "train", "merge", "eval", "reference", "export", "bench", "report")
+
+
+@dataclass
+class Context:
+    recipe: Recipe
+    progress: bool = True
+    resume: bool = False
+    log: Callable[[str], None] = print
+
+
+@dataclass
+class Stage:
+    id: str  # unique in the plan, names the output directory: "export-onnx-fp32"
+    kind: str  # one of ROLE_ORDER
+    inputs: list[str]  # ids of the stages it reads
+    config: dict  # hashed into the cache key
+    run: Callable[[Context, dict[str, Artifact], Path], dict] = field(repr=False)
+    summary: str = ""
+
+
+# -- stage bodies ---------------------------------------------------------------------------------
+
+def run_model(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
+    from toolchain.models import load_model_and_tokenizer, resolve_source, save_hf_dir
+
+    m = ctx.recipe.model
+    src = resolve_source(m.source, ctx.recipe.base_dir, m.gguf_file)
+    ctx.log(f"  loading {src.description}")
+    model, tok = load_model_and_tokenizer(src, m.dtype, m.trust_remote_code, m.revision)
+    save_hf_dir(model, tok, out)
+    return {"source": src.description, "kind": src.kind, "architecture": type(model).__name__,
+            "model_type": model.config.model_type, "parameters": int(sum(p.numel() for p in model.parameters())),
+            "layers": model.config.num_hidden_layers, "hidden_size": model.config.hidden_size,
+            "vocab_size": model.config.vocab_size, "chat_template": bool(getattr(tok, "chat_template", None))}
+
+
+def run_data(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
+    from toolchain import data as data_mod
+
+    train, evals, stats = data_mod.load_splits(ctx.recipe.data, ctx.recipe.base_dir)
+    for name, rows in (("train.jsonl", train), ("eval.jsonl", evals)):
+        with open(out / name, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return stats
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_train(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
+    from toolchain import train as train_mod
+
+    d = inputs["data"].path
+    return train_mod.train(inputs["model"].path, read_jsonl(d / "train.jsonl"), read_jsonl(d / "eval.jsonl"),
+                           ctx.recipe.train, ctx.recipe.data, out, resume=ctx.resume, progress=ctx.progress)
+
+
+def run_merge(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
+    from toolchain.merge import merge
+
+    return merge(inputs["model"].path, inputs["train"].path, out, ctx.recipe.merge.dtype)
+
+
+def run_eval(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
+    from toolchain.evaluate import task_metric
+
+    examples = read_jsonl(inputs["data"].path / "eval.jsonl")
+    ecfg = ctx.recipe.eval
+    after = task_metric(inputs["merge"].path, examples, ecfg, ctx.progress)
+    before = task_metric(inputs["model"].path, examples, ecfg, ctx.progress) if ecfg.before else None
+    (out / "outputs.json").write_text(json.dumps({"before": before, "after": after}, indent=1, ensure_ascii=False))
+    samples = []
+    for i, a in enumerate(after["outputs"][:8]):
+        samples.append({"prompt": a["prompt"], "reference": a["reference"], "after": a["output"],
+                        "before": before["outputs"][i]["output"] if before else None})
+    return {"metric": ecfg.metric, "examples": after["examples"], "after": after["score"],
+            "before": before["score"] if before else None, "samples": samples}
+
+
+def run_reference(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
+    from toolchain.evaluate import write_reference
+
+    examples = read_jsonl(inputs["data"].path / "eval.jsonl") if "data" in inputs else []
+    return write_reference(inputs["merge"].path, examples, ctx.recipe.bench, out)
+
+
+def make_export(target) -> Callable:
+    def run_export(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
+        from toolchain.registry import EXPORTERS
+
+        entry = EXPORTERS.get(target.format)
+        module = __import__(entry.target.split(":")[0], fromlist=["preflight"])
+        if hasattr(module, "preflight"):
+            module.preflight(inputs["merge"].path, target.options)
+        t = time.perf_counter()
+        info = entry.load()(inputs["merge"].path, out, target.options)
+        info = dict(info or {})
+        info.update(target=target.name, format=target.format, export_s=time.perf_counter() - t)
+        return info
+    return run_export
+
+
+def make_bench(runtime: str, target_name: str, source_id: str) -> Callable:
+    def run_bench(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
+        b = ctx.recipe.bench
+        settings = {"threads": b.threads, "prompt_tokens": b.prompt_tokens, "gen_tokens": b.gen_tokens,
+                    "repetitions": b.repetitions, "warmup": b.warmup}
+        job = {"runtime": runtime, "artifact": str(inputs[source_id].path.resolve()), "target": target_name,
+               "reference": str(inputs["reference"].path.resolve()), "settings": settings,
+               "greedy_tokens": b.greedy_tokens}
+        job_path, result_path = out / "job.json", out / "result.json"
+        job_path.write_text(json.dumps(job, indent=1))
+        proc = subprocess.run([sys.executable, "-m", "toolchain.benchworker", str(job_path), str(result_path)],
+                              capture_output=True, text=True, cwd=str(Path(__file__).resolve().parent.parent))
+        (out / "worker.log").write_text(proc.stdout + proc.stderr)
+        if proc.returncode != 0 or not result_path.exists():
+            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
+            raise StageError(f"benchmark of {target_name} on {runtime} failed (exit code {proc.returncode}"
+                             f"{', killed by signal ' + str(-proc.returncode) if proc.returncode < 0 else ''}):\n{tail}")
+        return json.loads(result_path.read_text())
+    return run_bench
+
+
+def run_report(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
+    from toolchain.report import write_report
+    from toolchain.reportdata import collect
+
+    data = collect(ctx, inputs)
+    write_report(data, out)
+    return {"files": sorted(p.name for p in out.iterdir())}
+
+
+# -- plan -----------------------------------------------------------------------------------------
+
+def plan(recipe: Recipe) -> list[Stage]:
+    """All stages of a recipe, in execution order."""
+    m = recipe.model
+    source_fp = m.source
+    from toolchain.models import resolve_source
+
+    try:
+        src = resolve_source(m.source, recipe.base_dir, m.gguf_file)
+        source_fp = {"kind": src.kind, "id": src.hub_id, "revision": m.revision,
+                     "fingerprint": fingerprint_path(src.path) if src.path else None}
+    except EdgesmithError:
+        pass  # reported when the model stage runs
+    stages = [Stage("model", "model", [], {"model": asdict(m), "source": source_fp}, run_model,
+                    f"load {m.source} and save it as a safetensors checkpoint")]
+    merged = "model"
+    if recipe.data is not None:
+        d = recipe.data
+        fps = {"path": fingerprint_path(recipe.resolve(d.path))}
+        if d.eval_path:
+            fps["eval_path"] = fingerprint_path(recipe.resolve(d.eval_path))
+        stages += [
+            Stage("data", "data", [], {"data": asdict(d), "files": fps}, run_data, f"read and split {d.path}"),
+            Stage("train", "train", ["model", "data"], {"train": asdict(recipe.train), "data": asdict(d)}, run_train,
+                  f"{recipe.train.method} fine-tune"),
+            Stage("merge", "merge", ["model", "train"], asdict(recipe.merge), run_merge, "merge the adapter"),
+            Stage("eval", "eval", ["model", "merge", "data"], asdict(recipe.eval), run_eval,
+                  f"{recipe.eval.metric} before/after fine-tuning"),
+        ]
+        merged = "merge"
+    ref_inputs = [merged] + (["data"] if recipe.data is not None else [])
+    from toolchain import prompts
+    stages.append(Stage("reference", "reference", ref_inputs,
+                        {"bench": asdict(recipe.bench), "texts": [prompts.QUALITY_TEXT, prompts.GREEDY_PROMPTS,
+                                                                  prompts.BENCH_PROMPT]},
+                        _with_merge_alias(run_reference, merged), "reference logits and greedy outputs"))
+    bench_cfg = asdict(recipe.bench)
+    if recipe.bench.reference:
+        stages.append(Stage("bench-torch", "bench", [merged, "reference"], {"bench": bench_cfg, "runtime": "torch"},
+                            make_bench("torch", "merged", merged), "benchmark the merged model on torch"))
+    for t in recipe.targets:
+        eid = f"export-{t.name}"
+        stages.append(Stage(eid, "export", [merged], {"format": t.format, "options": t.options},
+                            _with_merge_alias(make_export(t), merged), f"export {t.format} {t.options or ''}".strip()))
+        for rt in t.bench_runtimes:
+            stages.append(Stage(f"bench-{t.name}-{rt}", "bench", [eid, "reference"],
+                                {"bench": bench_cfg, "runtime": rt}, make_bench(rt, t.name, eid),
+                                f"benchmark {t.name} on {rt}"))
+    stages.append(Stage("report", "report", [s.id for s in stages], {"title": recipe.report.title}, run_report,
+                        "write report.json / .md / .html"))
+    return stages
+
+
+def _with_merge_alias(fn: Callable, merged: str) -> Callable:
+    """Stages after the merge read `inputs['merge']`; without training that is the base model."""
+    def wrapped(ctx, inputs, out):
+        if "merge" not in inputs:
+            inputs = dict(inputs, merge=inputs[merged])
+        return fn(ctx, inputs, out)
+    return wrapped
