@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from toolchain.chat import pack, prompt_and_reference, render_prompt, tokenize_example  # noqa: F401 (re-export)
-from toolchain.errors import DataError, Problem
+from toolchain.errors import NO_VALUE, DataError, Problem
 
 FORMATS = ("chat", "instruction", "prompt_completion", "text")
 ROLES = ("system", "user", "assistant", "tool")
@@ -291,9 +291,8 @@ def _bad_rows_error(results: list[_FileResult]) -> DataError:
     problems = [p for r in bad for p in r.problems]
     listed = problems[:MAX_LISTED]
     if total > MAX_LISTED:
-        listed.append(Problem(" and ".join(r.path.name for r in bad), "has more bad rows than listed here",
-                              f"{total - MAX_LISTED} more", "fix the rows above and re-run to see the rest, "
-                              "or set data.bad_rows: skip"))
+        listed.append(Problem(" and ".join(r.path.name for r in bad), f"{total - MAX_LISTED} more bad rows not listed",
+                              NO_VALUE, "fix the rows above and re-run to see the rest, or set data.bad_rows: skip"))
     paths = " and ".join(str(r.path) for r in bad)
     return DataError(f"{paths} {'has' if len(bad) == 1 else 'have'} {total} bad row{'s' if total != 1 else ''}", listed)
 

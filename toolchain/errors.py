@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+NO_VALUE = object()  # a Problem whose rule already quotes the value
+
+
 @dataclass(frozen=True)
 class Problem:
     """One thing wrong with user input."""
@@ -18,7 +21,9 @@ class Problem:
     fix: str = ""
 
     def __str__(self) -> str:
-        text = f"{self.where}: {self.rule}, got {self.value!r}"
+        text = f"{self.where}: {self.rule}"
+        if self.value is not NO_VALUE:
+            text += f", got {self.value!r}"
         if self.fix:
             text += f" (fix: {self.fix})"
         return text

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from toolchain.errors import Problem, RecipeError
+from toolchain.errors import NO_VALUE, Problem, RecipeError
 from toolchain.registry import DEFAULT_RUNTIMES, EXPORTERS, RUNTIMES
 from toolchain.schema import Located, load_yaml_with_lines, opt, validate_section
 
@@ -119,7 +119,7 @@ class TargetSection:
             try:
                 cfg_cls(**self.options)
             except (TypeError, ValueError) as exc:
-                yield "options", str(exc).strip("'\""), self.options, f"see the {self.format} exporter's options"
+                yield "options", str(exc), NO_VALUE, f"see `edgesmith targets` and the {self.format} exporter's options"
 
     @property
     def bench_runtimes(self) -> list[str]:

@@ -98,6 +98,9 @@ def _coerce(value: Any, tp: Any, path: str, loc: Located, problems: list[Problem
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1:  # Optional[X]: report X's own problems, not "must be X or null"
+            return _coerce(value, others[0], path, loc, problems)
         for arg in args:
             if arg is type(None):
                 continue
