@@ -34,7 +34,18 @@ def rss_mb() -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (ru_maxrss is KiB on Linux)."""
+    """Peak resident set size of this process in MiB.
+
+    Read from VmHWM, which exec resets; ru_maxrss would carry over the high-water mark of the
+    parent that forked the benchmark worker and report the parent's peak instead.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

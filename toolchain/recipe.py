@@ -157,8 +157,8 @@ class Recipe:
     report: ReportSection = opt(default_factory=ReportSection, help="report settings")
     output_dir: str = opt("runs", help="where runs are written (relative to the current directory)")
 
-    # set after loading
-    recipe_path: Path | None = None
+    # set by load_recipe, not a recipe key (init=False keeps it out of validation and describe)
+    recipe_path: Path | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def check(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name or ""):
@@ -197,16 +197,19 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
                                                             "check the path, e.g. examples/quickstart.yaml")])
     try:
         data, lines = load_yaml_with_lines(path)
-    except Exception as exc:  # yaml.YAMLError carries its own line/column
-        raise RecipeError("the recipe is not valid YAML", [Problem(str(path), "must parse as YAML", str(exc).splitlines()[0],
-                                                                  "fix the YAML syntax at the position shown")]) from None
+    except Exception as exc:  # a yaml.MarkedYAMLError carries the line/column of the problem
+        raise RecipeError("the recipe is not valid YAML", [_yaml_problem(path, exc)]) from None
     if not isinstance(data, dict):
         raise RecipeError("the recipe is not a mapping", [Problem(str(path), "must be a YAML mapping of sections", data,
                                                                  "start from examples/quickstart.yaml")])
-    for dotted, value in (overrides or {}).items():
-        _set_dotted(data, dotted, value)
     problems: list[Problem] = []
-    loc = Located(str(path), lines)
+    for dotted, value in (overrides or {}).items():
+        problem = _set_dotted(data, dotted, value)
+        if problem is not None:
+            problems.append(problem)
+    if problems:
+        raise RecipeError("cannot apply the --set overrides", problems)
+    loc = Located(str(path), lines, overridden=set(overrides or {}))
     recipe = validate_section(data, Recipe, "", loc, problems)
     if recipe is not None:
         recipe.recipe_path = path.resolve()
@@ -221,9 +224,30 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     return recipe
 
 
-def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+def _yaml_problem(path: Path, exc: Exception) -> Problem:
+    """Name the file, line and column of a YAML syntax error and what the parser expected."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+    what = ": ".join(p for p in parts if p) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    fix = "fix the YAML syntax at that line and column" if mark is not None else "fix the YAML syntax"
+    return Problem(where, "must parse as YAML", what, fix)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> Problem | None:
+    """Set ``a.b.c`` in ``data``, creating missing sections; a Problem if a parent is not a mapping."""
     parts = dotted.split(".")
+    if not all(parts):
+        return Problem(f"--set {dotted}", "must be a dotted key like train.max_steps", NO_VALUE,
+                       "write KEY=VALUE with a key such as train.lora.rank")
     cur = data
-    for p in parts[:-1]:
-        cur = cur.setdefault(p, {})
+    for i, p in enumerate(parts[:-1]):
+        if cur.get(p) is None:
+            cur[p] = {}
+        cur = cur[p]
+        if not isinstance(cur, dict):
+            parent = ".".join(parts[:i + 1])
+            return Problem(f"--set {dotted}", f"needs `{parent}` to be a section (a mapping)", cur,
+                           f"set a key that exists, e.g. --set {parent}=VALUE")
     cur[parts[-1]] = value
+    return None

@@ -11,7 +11,9 @@ def collect(ctx, inputs: dict[str, Artifact]) -> dict:
     recipe = ctx.recipe
     data: dict = {"run": {
         "name": recipe.report.title or recipe.name, "recipe": str(recipe.recipe_path),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "edgesmith_version": __version__,
+        "started": getattr(ctx, "started", None), "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "wall_s": time.perf_counter() - ctx.started_perf if getattr(ctx, "started_perf", None) else None,
+        "edgesmith_version": __version__,
         "versions": library_versions(),
     }}
     if "model" in inputs:

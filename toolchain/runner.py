@@ -81,6 +81,8 @@ class Runner:
         steps: list[Step] = []
         total = len(stages)
         t_run = time.perf_counter()
+        self.ctx.started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.ctx.started_perf = t_run
         for n, s in enumerate(stages, 1):
             inputs = {i: arts[i] for i in s.inputs}
             key = stage_key(s.kind, s.config, {i: a.hash for i, a in inputs.items()})

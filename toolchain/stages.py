@@ -168,16 +168,19 @@ def plan(recipe: Recipe) -> list[Stage]:
                      "fingerprint": fingerprint_path(src.path) if src.path else None}
     except EdgesmithError:
         pass  # reported when the model stage runs
-    stages = [Stage("model", "model", [], {"model": asdict(m), "source": source_fp}, run_model,
-                    f"load {m.source} and save it as a safetensors checkpoint")]
+    model_stage = Stage("model", "model", [], {"model": asdict(m), "source": source_fp}, run_model,
+                        f"load {m.source} and save it as a safetensors checkpoint")
+    stages = [model_stage]
     merged = "model"
     if recipe.data is not None:
         d = recipe.data
         fps = {"path": fingerprint_path(recipe.resolve(d.path))}
         if d.eval_path:
             fps["eval_path"] = fingerprint_path(recipe.resolve(d.eval_path))
-        stages += [
+        # data first: a bad dataset is reported before minutes of model loading
+        stages = [
             Stage("data", "data", [], {"data": asdict(d), "files": fps}, run_data, f"read and split {d.path}"),
+            model_stage,
             Stage("train", "train", ["model", "data"], {"train": asdict(recipe.train), "data": asdict(d)}, run_train,
                   f"{recipe.train.method} fine-tune"),
             Stage("merge", "merge", ["model", "train"], asdict(recipe.merge), run_merge, "merge the adapter"),
