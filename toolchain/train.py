@@ -83,6 +83,8 @@ def train(base_dir: Path, train_examples: list[dict], eval_examples: list[dict],
     ckpt_dir = Path(out_dir) / "checkpoints"
     do_eval = tcfg.eval_every != "no" and bool(eval_tok)
     strategy = tcfg.eval_every if do_eval else "no"
+    # checkpoints follow the eval schedule (early stopping needs them aligned); without eval, each epoch
+    save_strategy = ("epoch" if strategy == "no" else strategy) if tcfg.save_checkpoints else "no"
     args = TrainingArguments(
         output_dir=str(ckpt_dir), per_device_train_batch_size=tcfg.batch_size,
         per_device_eval_batch_size=tcfg.batch_size, gradient_accumulation_steps=tcfg.grad_accum,
@@ -91,8 +93,7 @@ def train(base_dir: Path, train_examples: list[dict], eval_examples: list[dict],
         num_train_epochs=tcfg.epochs, max_steps=tcfg.max_steps, seed=tcfg.seed, data_seed=tcfg.seed,
         logging_steps=tcfg.logging_steps, logging_first_step=True,
         eval_strategy=strategy, eval_steps=tcfg.eval_steps if strategy == "steps" else None,
-        save_strategy=(strategy if tcfg.early_stopping_patience else ("epoch" if strategy == "no" else strategy))
-        if tcfg.save_checkpoints else "no",
+        save_strategy=save_strategy, save_steps=tcfg.eval_steps,
         save_total_limit=2, load_best_model_at_end=bool(tcfg.early_stopping_patience and do_eval),
         metric_for_best_model="eval_loss", greater_is_better=False,
         report_to="none", use_cpu=True, dataloader_num_workers=0, disable_tqdm=not progress,
