@@ -111,8 +111,10 @@ def test_targets_lists_exporters_and_runtimes(capsys):
     assert "runtimes:" in lines
     exporters = lines[1:lines.index("runtimes:")]
     runtimes = lines[lines.index("runtimes:") + 1:]
-    assert [ln.split()[0] for ln in exporters] == ["onnx"]
-    assert [ln.split()[0] for ln in runtimes] == ["torch", "onnxruntime"]
+    from toolchain.registry import EXPORTERS, RUNTIMES
+    assert [ln.split()[0] for ln in exporters] == EXPORTERS.names()
+    assert [ln.split()[0] for ln in runtimes] == RUNTIMES.names()
+    assert {"onnx", "torch", "onnxruntime"} <= set(EXPORTERS.names() + RUNTIMES.names())
     assert "runtimes: onnxruntime;" in exporters[0]
     assert all(ln.endswith("installed") or "pip install 'edgesmith[" in ln for ln in exporters + runtimes)
 

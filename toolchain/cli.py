@@ -103,6 +103,27 @@ def cmd_pipeline(args, until: str | None) -> int:
     report = runner.run_dir / "report.html"
     if report.exists():
         print(f"report: {report}")
+    return gate_summary(steps, runner)
+
+
+def gate_summary(steps, runner) -> int:
+    """Print each benchmarked target's quality gate; exit code 3 when one failed."""
+    from toolchain.artifacts import Artifact
+
+    failed = 0
+    for step in steps:
+        if step.stage.kind != "bench" or step.key is None:
+            continue
+        art = Artifact.open(runner.store.path_for(step.stage.id, step.key))
+        gate = art.figures.get("gate") if art else None
+        if gate:
+            failed += not gate["passed"]
+            state = "pass" if gate["passed"] else "FAIL (" + "; ".join(gate["failures"]) + ")"
+            print(f"gate {gate['gate']:<14} {step.stage.id}: {state}")
+    if failed:
+        print(f"edgesmith: {failed} target(s) failed their quality gate (thresholds in toolchain/gates.py)",
+              file=sys.stderr)
+        return 3
     return 0
 
 

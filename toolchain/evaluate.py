@@ -109,3 +109,37 @@ def write_reference(model_dir: Path, eval_examples: list[dict], bcfg: BenchSecti
     nll = -logprobs[np.arange(len(inputs["quality_ids"]) - 1), inputs["quality_ids"][1:]]
     return {"quality_tokens": len(inputs["quality_ids"]), "ppl": float(np.exp(nll.mean())),
             "greedy_outputs": [tok.decode(g) for g in greedy], "bench_prompt_tokens": len(inputs["bench_prompt_ids"])}
+
+
+def calibration_sample(model_dir: Path, rows: list[dict], ccfg, out: Path) -> dict:
+    """Token sequences every quantiser that calibrates shares (imatrix, static int8).
+
+    Training rows rendered with the chat template (what the model will see in use), topped up with
+    the built-in prose so even a tiny dataset gives enough tokens; the held-out quality text is
+    never used here, so calibration cannot leak into the quality figures.
+    """
+    import random
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    rng = random.Random(ccfg.seed)
+    rows = list(rows)
+    rng.shuffle(rows)
+    texts = []
+    for ex in rows:
+        if "messages" in ex:
+            texts.append(tok.apply_chat_template(ex["messages"], tokenize=False) if tok.chat_template
+                         else "\n".join(m["content"] for m in ex["messages"]))
+        elif "text" in ex:
+            texts.append(ex["text"])
+    texts += prompts.CALIBRATION_TEXTS
+    stream: list[int] = []
+    for t in texts:
+        stream += tok(t, add_special_tokens=False)["input_ids"]
+        if len(stream) >= ccfg.samples * ccfg.max_tokens:
+            break
+    batches = [stream[i:i + ccfg.max_tokens] for i in range(0, len(stream), ccfg.max_tokens)][: ccfg.samples]
+    batches = [b for b in batches if len(b) >= 8]
+    (out / "calibration.json").write_text(json.dumps({"batches": batches}))
+    return {"sequences": len(batches), "tokens": sum(len(b) for b in batches), "max_tokens": ccfg.max_tokens}

@@ -32,3 +32,21 @@ GREEDY_PROMPTS = [
 
 # The benchmark prompt: long enough for prompt_tokens up to a few hundred tokens.
 BENCH_PROMPT = [{"role": "user", "content": "Summarise the following text in two sentences.\n\n" + QUALITY_TEXT}]
+
+# Calibration prose (never the quality text): varied registers so activations cover more than
+# the fine-tuning task.
+CALIBRATION_TEXTS = [
+    "The committee met on Tuesday to review the budget. After a long discussion about road repairs, "
+    "the library's opening hours and a new bus route, the members agreed to postpone the vote until "
+    "the engineers had finished their survey of the old bridge.",
+    "Q: How do I reverse a list in Python?\nA: Use slicing, items[::-1], or call items.reverse() to "
+    "reverse it in place. The built-in reversed(items) returns an iterator instead of a new list.",
+    "Rain fell all night on the mountain village. In the morning the river was brown and fast, and "
+    "children stood on the stone bridge to watch branches spin past beneath them.",
+    "SELECT name, COUNT(*) AS orders FROM customers JOIN orders ON orders.customer_id = customers.id "
+    "GROUP BY name ORDER BY orders DESC LIMIT 10;",
+    "Water boils at 100 degrees Celsius at sea level, but at lower temperatures high in the mountains, "
+    "because the air pressure is lower there. That is why pasta takes longer to cook at altitude.",
+    "Dear Ms. Patel, thank you for your letter of 3 May. I am pleased to confirm your appointment on "
+    "the 14th at 10:30. Please bring your passport and the signed form. Kind regards, J. Moreau",
+]

@@ -140,6 +140,13 @@ class BenchSection:
 
 
 @dataclass
+class CalibrateSection:
+    samples: int = opt(64, min=1, help="calibration sequences shared by every quantiser that needs them")
+    max_tokens: int = opt(256, min=8, help="tokens per calibration sequence")
+    seed: int = opt(0, help="which training rows are sampled")
+
+
+@dataclass
 class ReportSection:
     title: str | None = opt(None, help="report title (default: the run name)")
 
@@ -153,6 +160,8 @@ class Recipe:
     merge: MergeSection = opt(default_factory=MergeSection, help="adapter merge")
     eval: EvalSection = opt(default_factory=EvalSection, help="task metric before/after")
     targets: list[TargetSection] = opt(default_factory=list, help="export targets")
+    calibrate: CalibrateSection = opt(default_factory=CalibrateSection,
+                                      help="calibration sample (imatrix, static int8)")
     bench: BenchSection = opt(default_factory=BenchSection, help="benchmark settings")
     report: ReportSection = opt(default_factory=ReportSection, help="report settings")
     output_dir: str = opt("runs", help="where runs are written (relative to the current directory)")
@@ -170,6 +179,9 @@ class Recipe:
             if t.name in seen:
                 yield f"targets[{i}].name", f"repeats targets[{seen[t.name]}].name", t.name, "give each target a unique name"
             seen[t.name] = i
+            if t.format in EXPORTERS and "adapter" in EXPORTERS.get(t.format).needs and self.data is None:
+                yield (f"targets[{i}].format", f"{t.format} exports the fine-tuned adapter, which needs a `data` section",
+                       t.format, "add data: {path: ...} or remove this target")
 
     @property
     def base_dir(self) -> Path:

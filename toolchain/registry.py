@@ -20,6 +20,7 @@ class Entry:
     requires: tuple[str, ...]  # importable modules it needs
     summary: str
     config: str | None = None  # "package.module:ConfigClass" validating the recipe's options
+    needs: tuple[str, ...] = ()  # extra stage inputs passed to the exporter: "calibration", "adapter"
 
     def missing(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
@@ -78,6 +79,12 @@ EXPORTERS = Registry("exporter", [
     Entry("onnx", "exporters.onnx:export", "onnx", ("onnx", "numpy"),
           "ONNX decoder with KV cache (past/present), for onnxruntime",
           config="exporters.onnx.config:OnnxExportConfig"),
+    Entry("gguf", "exporters.gguf.export:export", "gguf", ("gguf", "llama_cpp"),
+          "GGUF for llama.cpp: F32/F16/BF16 and llama.cpp's own quantiser (Q8_0 ... IQ4), optional imatrix",
+          config="exporters.gguf.config:GgufExportConfig", needs=("calibration",)),
+    Entry("gguf-lora", "exporters.gguf.lora:export", "gguf", ("gguf",),
+          "the LoRA adapter as a GGUF adapter applied at load time over a base GGUF",
+          config="exporters.gguf.config:GgufLoraConfig", needs=("adapter",)),
 ])
 
 RUNTIMES = Registry("runtime", [
@@ -85,9 +92,13 @@ RUNTIMES = Registry("runtime", [
           "PyTorch + transformers on the merged model: the reference"),
     Entry("onnxruntime", "runtimes.onnxruntime_runtime:OnnxRuntime", "onnx", ("onnxruntime",),
           "onnxruntime CPU execution provider with a KV-cache loop"),
+    Entry("llama.cpp", "runtimes.llamacpp_runtime:LlamaCppRuntime", "gguf", ("llama_cpp",),
+          "llama.cpp through llama-cpp-python (CPU; GGUF models and GGUF LoRA adapters)"),
 ])
 
 # Which runtimes can run each exporter's output by default.
 DEFAULT_RUNTIMES = {
     "onnx": ["onnxruntime"],
+    "gguf": ["llama.cpp"],
+    "gguf-lora": ["llama.cpp"],
 }

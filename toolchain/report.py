@@ -205,7 +205,14 @@ def _targets_section(targets: list[dict]) -> tuple:
 
 _BENCH_HEADERS = ["Target", "Runtime", "Size MB", "Load s", "TTFT ms", "Prefill tok/s",
                   "Decode tok/s", "Peak RSS MB", "KL mean", "Top-1", "PPL", "ΔPPL",
-                  "Greedy match"]
+                  "Greedy match", "Gate"]
+
+
+def _gate_cell(r: dict) -> str:
+    g = r.get("gate") if isinstance(r.get("gate"), dict) else None
+    if not g:
+        return DASH
+    return "pass" if g.get("passed") else "FAIL: " + "; ".join(g.get("failures") or [])
 
 
 def _bench_row(r: dict, sizes: dict) -> list[str]:
@@ -217,7 +224,7 @@ def _bench_row(r: dict, sizes: dict) -> list[str]:
             fmt_pm(r.get("decode_tps")), fmt(r.get("peak_rss_mb"), ".0f"),
             fmt(q.get("kl_mean"), ".3g"), fmt_pct(q.get("top1_agreement")),
             fmt(q.get("ppl"), ".2f"), fmt(q.get("ppl_delta"), "+.2f"),
-            fmt_pct(q.get("greedy_match"))]
+            fmt_pct(q.get("greedy_match")), _gate_cell(r)]
 
 
 def _bench_section(bench: list[dict], targets: list[dict], have_plot: bool) -> tuple:
@@ -229,7 +236,8 @@ def _bench_section(bench: list[dict], targets: list[dict], have_plot: bool) -> t
     note = ("Rates are mean ± std over the repetitions, tokenisation excluded. Quality is "
             "measured against the merged full-precision model: KL divergence of next-token "
             "distributions (nats), top-1 agreement, perplexity on held-out text and its change, "
-            "and the share of fixed prompts whose greedy output matches.")
+            "and the share of fixed prompts whose greedy output matches. Gate: the thresholds for "
+            "the target's format and precision (toolchain/gates.py).")
     if refs:
         note += f" Reference perplexity: {', '.join(sorted(refs))}."
     blocks.append(("p", note))

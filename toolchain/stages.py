@@ -18,7 +18,7 @@ from toolchain.artifacts import Artifact, fingerprint_path
 from toolchain.errors import EdgesmithError, StageError
 from toolchain.recipe import Recipe
 
-ROLE_ORDER = ("model", "data", "train", "merge", "eval", "reference", "export", "bench", "report")
+ROLE_ORDER = ("data", "model", "train", "merge", "eval", "reference", "calibrate", "export", "bench", "report")
 
 
 @dataclass
@@ -108,6 +108,24 @@ def run_reference(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
     return write_reference(inputs["merge"].path, examples, ctx.recipe.bench, out)
 
 
+def run_calibrate(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
+    from toolchain.evaluate import calibration_sample
+
+    rows = read_jsonl(inputs["data"].path / "train.jsonl") if "data" in inputs else []
+    return calibration_sample(inputs["model"].path, rows, ctx.recipe.calibrate, out)
+
+
+def export_extras(entry, inputs: dict[str, Artifact]) -> dict:
+    """Extra inputs an exporter declares in the registry (``needs``), as keyword arguments."""
+    extras = {}
+    if "calibration" in entry.needs and "calibrate" in inputs:
+        extras["calibration"] = inputs["calibrate"].path / "calibration.json"
+    if "adapter" in entry.needs:
+        extras["adapter_dir"] = inputs["train"].path
+        extras["base_dir"] = inputs["model"].path
+    return extras
+
+
 def make_export(target) -> Callable:
     def run_export(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
         from toolchain.registry import EXPORTERS
@@ -117,7 +135,7 @@ def make_export(target) -> Callable:
         if hasattr(module, "preflight"):
             module.preflight(inputs["merge"].path, target.options)
         t = time.perf_counter()
-        info = entry.load()(inputs["merge"].path, out, target.options)
+        info = entry.load()(inputs["merge"].path, out, target.options, **export_extras(entry, inputs))
         info = dict(info or {})
         info.update(target=target.name, format=target.format, export_s=time.perf_counter() - t)
         return info
@@ -129,7 +147,9 @@ def make_bench(runtime: str, target_name: str, source_id: str) -> Callable:
         b = ctx.recipe.bench
         settings = {"threads": b.threads, "prompt_tokens": b.prompt_tokens, "gen_tokens": b.gen_tokens,
                     "repetitions": b.repetitions, "warmup": b.warmup}
+        options = inputs[source_id].figures.get("runtime_options", {}) if source_id.startswith("export-") else {}
         job = {"runtime": runtime, "artifact": str(inputs[source_id].path.resolve()), "target": target_name,
+               "options": options,
                "reference": str(inputs["reference"].path.resolve()), "settings": settings,
                "greedy_tokens": b.greedy_tokens}
         job_path, result_path = out / "job.json", out / "result.json"
@@ -141,7 +161,13 @@ def make_bench(runtime: str, target_name: str, source_id: str) -> Callable:
             tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
             raise StageError(f"benchmark of {target_name} on {runtime} failed (exit code {proc.returncode}"
                              f"{', killed by signal ' + str(-proc.returncode) if proc.returncode < 0 else ''}):\n{tail}")
-        return json.loads(result_path.read_text())
+        result = json.loads(result_path.read_text())
+        from toolchain.gates import verdict
+        fig = inputs[source_id].figures
+        fmt, precision = (fig.get("format"), fig.get("precision")) if source_id.startswith("export-") else ("torch", "fp32")
+        result["format"], result["precision"] = fmt, precision
+        result["gate"] = verdict(fmt, precision, result.get("quality"))
+        return result
     return run_bench
 
 
@@ -194,13 +220,28 @@ def plan(recipe: Recipe) -> list[Stage]:
                         {"bench": asdict(recipe.bench), "texts": [prompts.QUALITY_TEXT, prompts.GREEDY_PROMPTS,
                                                                   prompts.BENCH_PROMPT]},
                         _with_merge_alias(run_reference, merged), "reference logits and greedy outputs"))
+    from toolchain.registry import EXPORTERS
+
+    def target_cfg(t):
+        cls = EXPORTERS.get(t.format).config_class()
+        return cls(**t.options) if cls else None
+
+    if any(getattr(target_cfg(t), "needs_calibration", False) for t in recipe.targets):
+        stages.append(Stage("calibrate", "calibrate", ["model"] + (["data"] if recipe.data is not None else []),
+                            asdict(recipe.calibrate), run_calibrate, "calibration sample for quantisers"))
     bench_cfg = asdict(recipe.bench)
     if recipe.bench.reference:
         stages.append(Stage("bench-torch", "bench", [merged, "reference"], {"bench": bench_cfg, "runtime": "torch"},
                             make_bench("torch", "merged", merged), "benchmark the merged model on torch"))
     for t in recipe.targets:
         eid = f"export-{t.name}"
-        stages.append(Stage(eid, "export", [merged], {"format": t.format, "options": t.options},
+        cfg = target_cfg(t)
+        needs = [merged]
+        if getattr(cfg, "needs_calibration", False):
+            needs.append("calibrate")
+        if getattr(cfg, "needs_adapter", False):
+            needs += [i for i in ("model", "train") if i not in needs]
+        stages.append(Stage(eid, "export", needs, {"format": t.format, "options": t.options},
                             _with_merge_alias(make_export(t), merged), f"export {t.format} {t.options or ''}".strip()))
         for rt in t.bench_runtimes:
             stages.append(Stage(f"bench-{t.name}-{rt}", "bench", [eid, "reference"],

@@ -221,9 +221,11 @@ def test_registry_get_unknown_names_the_known():
 
 
 def test_builtin_tables():
-    assert EXPORTERS.names() == ["onnx"]
-    assert RUNTIMES.names() == ["torch", "onnxruntime"]
-    assert DEFAULT_RUNTIMES == {"onnx": ["onnxruntime"]}
+    assert {"onnx", "gguf", "gguf-lora"} <= set(EXPORTERS.names())
+    assert {"torch", "onnxruntime", "llama.cpp"} <= set(RUNTIMES.names())
+    assert DEFAULT_RUNTIMES["onnx"] == ["onnxruntime"]
+    # every entry names a module:attribute and, where it takes options, a config class
+    assert all(":" in e.target and (e.config is None or ":" in e.config) for e in [*EXPORTERS, *RUNTIMES])
     assert all(rt in RUNTIMES for rts in DEFAULT_RUNTIMES.values() for rt in rts)
     assert all(name in EXPORTERS for name in DEFAULT_RUNTIMES)
 

@@ -1,5 +1,11 @@
 """Recipe loading: typed values, every problem reported at once with place/rule/value/fix, overrides."""
 from __future__ import annotations
+import dataclasses as _dc
+
+from toolchain.recipe import Recipe as _Recipe
+from toolchain.registry import EXPORTERS
+
+SECTIONS = [f.name for f in _dc.fields(_Recipe) if f.init]  # the recipe's top-level keys, in order
 
 import re
 import shutil
@@ -98,7 +104,7 @@ def test_every_mistake_is_reported_in_one_error(tmp_path):
         "train.warmup_ratio": (8, "must be at most 1", "1.5", "1 or less"),
         "targets[0].options": (12, "`precision` must be one of 'fp32'", "'fp99'", "exporter's options"),
         "targets[1].name": (13, "repeats targets[0].name", "'a'", "unique name"),
-        "targets[2].format": (16, "must be a registered exporter (onnx)", "'tflite'", "edgesmith targets"),
+        "targets[2].format": (16, "must be a registered exporter (" + ", ".join(EXPORTERS.names()) + ")", "'tflite'", "edgesmith targets"),
         "data.path": (4, "must name an existing file or directory", "'missing.jsonl'", "relative to the recipe's folder"),
     }
     for key, (line, rule, value, fix) in expected.items():
@@ -169,7 +175,7 @@ def test_unknown_top_level_section_lists_the_known_sections(tmp_path):
     assert problem.where == f"{path}:2 prune"
     assert problem.rule == "is not a known key"
     assert problem.value == "prune"
-    assert problem.fix == "known keys: name, model, data, train, merge, eval, targets, bench, report, output_dir"
+    assert problem.fix == "known keys: " + ", ".join(SECTIONS)
 
 
 def test_recipe_path_is_not_a_recipe_key(tmp_path):
@@ -291,7 +297,7 @@ def test_describe_lists_every_section_and_its_keys():
     lines = describe(Recipe)
 
     top = [ln.split(":")[0] for ln in lines if ln and not ln.startswith(" ")]
-    assert top == ["name", "model", "data", "train", "merge", "eval", "targets", "bench", "report", "output_dir"]
+    assert top == SECTIONS
     text = "\n".join(lines)
     for cls, prefix in [(ModelSection, "  "), (DataSection, "  "), (TrainSection, "  "), (MergeSection, "  "),
                         (EvalSection, "  "), (TargetSection, "  "), (BenchSection, "  "), (ReportSection, "  ")]:
