@@ -13,8 +13,9 @@ Two ways in:
   (``<|im_end|>`` for ChatML models).
 
 An adapter GGUF (``general.type = adapter``, ``adapter.type = lora``) is applied at load time
-over the base through llama-cpp-python's ``lora_path`` (``llama_adapter_lora_init`` +
-``llama_set_adapters_lora``), scaled by ``lora_scale`` x alpha / rank.
+over the base with llama.cpp's ``llama_adapter_lora_init`` + ``llama_set_adapters_lora`` (not
+llama-cpp-python's ``lora_path``, which ignores a rejected adapter), scaled by ``lora_scale`` x
+alpha / rank.
 """
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ GGUF_SUFFIX = ".gguf"
 DEFAULT_CTX = 2048
 DEFAULT_BATCH = 512
 GGUF_TEMPLATE_FORMAT = "chat_template.default"  # llama-cpp-python's name for the GGUF's own template
+# ggml.h's enum ggml_log_level (NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5); llama-cpp-python's
+# _logger still documents an older numbering
+GGML_LOG_WARN, GGML_LOG_ERROR = 3, 4
 INSTALL_HINT = "pip install llama-cpp-python (a CPU wheel; see README)"
 
 
@@ -50,7 +54,7 @@ def find_gguf(path: str | Path, model_file: str | None = None) -> Path:
         return target
     found = sorted(p for p in path.glob(f"*{GGUF_SUFFIX}") if p.is_file())
     if len(found) > 1:
-        found = [p for p in found if _gguf_type(p) != "adapter"]
+        found = [p for p in found if _gguf_type(p) not in ("adapter", "imatrix")]
     if len(found) != 1:
         names = ", ".join(p.name for p in found) or "none"
         raise EdgesmithError(f"{path} must hold exactly one model .gguf, found {names} "
@@ -70,8 +74,14 @@ def _gguf_type(path: Path) -> str:
 
 
 def open_llama(model_path: Path, *, threads: int, n_ctx: int = DEFAULT_CTX, n_batch: int = DEFAULT_BATCH,
-               lora_path: str | Path | None = None, lora_scale: float = 1.0):
-    """A ``llama_cpp.Llama`` on ``model_path`` (+ LoRA adapter), quiet, with the GGUF chat template."""
+               lora_path: str | Path | None = None, lora_scale: float = 1.0, flash_attn: bool = True):
+    """A ``llama_cpp.Llama`` on ``model_path`` (+ LoRA adapter), quiet, with the GGUF chat template.
+
+    Flash attention is on, as llama.cpp's own tools choose on CPU (``-fa auto``); llama-cpp-python
+    defaults to off, a different attention kernel whose logits sit up to ~3 away. Either way a
+    one-token decode and a batched prefill of the same position use different kernels (F16
+    accumulation), so their logits differ by up to ~1.5 (KL ~1e-4, same argmax).
+    """
     try:
         from llama_cpp import Llama
     except ImportError as exc:
@@ -81,16 +91,56 @@ def open_llama(model_path: Path, *, threads: int, n_ctx: int = DEFAULT_CTX, n_ba
         raise EdgesmithError(f"adapter {lora_path} not found (fix: pass a LoRA adapter .gguf)")
     try:
         llm = Llama(model_path=str(model_path), n_ctx=int(n_ctx), n_batch=int(n_batch), n_ubatch=int(n_batch),
-                    n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False,
-                    lora_path=str(lora_path) if lora_path else None, lora_scale=float(lora_scale))
+                    n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False, flash_attn=flash_attn)
     except (ValueError, RuntimeError) as exc:
-        raise EdgesmithError(f"llama.cpp could not load {model_path}"
-                             f"{f' with adapter {lora_path}' if lora_path else ''}: {exc}") from None
+        raise EdgesmithError(f"llama.cpp could not load {model_path}: {exc}") from None
+    if lora_path:
+        try:
+            apply_lora(llm, Path(lora_path), lora_scale)
+        except EdgesmithError:
+            llm.close()
+            raise
     # llama-cpp-python swaps a template it recognises (e.g. plain ChatML) for a built-in formatter
     # that handles system messages differently; always render with the template the GGUF carries.
     if GGUF_TEMPLATE_FORMAT in llm._chat_handlers:
         llm.chat_format = GGUF_TEMPLATE_FORMAT
     return llm
+
+
+def apply_lora(llm, path: Path, scale: float = 1.0) -> None:
+    """Load a LoRA adapter GGUF onto ``llm``'s model and enable it on its context at ``scale``.
+
+    Done here rather than through ``Llama(lora_path=...)``: llama-cpp-python 0.3.36 tests the
+    returned pointer with ``is None``, so an adapter llama.cpp rejects (wrong architecture or
+    shapes) is silently ignored and the base model runs alone. llama.cpp's reason is captured
+    from its log. The model owns the adapter and frees it with itself.
+    """
+    import ctypes
+
+    import llama_cpp
+    from llama_cpp import _logger
+
+    messages: list[str] = []
+
+    @llama_cpp.llama_log_callback
+    def capture(level, text, user_data):
+        if level in (GGML_LOG_WARN, GGML_LOG_ERROR):
+            messages.append(text.decode("utf-8", "replace").strip())
+
+    llama_cpp.llama_log_set(capture, ctypes.c_void_p(0))
+    try:
+        adapter = llama_cpp.llama_adapter_lora_init(llm.model, str(path).encode())
+    finally:
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    if not adapter:  # a NULL POINTER(c_void_p) is falsy but not None
+        reason = "; ".join(m for m in messages if m) or "see llama.cpp's log"
+        raise EdgesmithError(f"llama.cpp could not load adapter {path} over {llm.model_path}: {reason} "
+                             f"(fix: pass a LoRA adapter GGUF exported for this base model)")
+    adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
+    scales = (ctypes.c_float * 1)(float(scale))
+    if llama_cpp.llama_set_adapters_lora(llm.ctx, adapters, 1, scales):
+        raise EdgesmithError(f"llama.cpp could not enable adapter {path} on the context")
+    llm.lora_path, llm.lora_scale = str(path), float(scale)
 
 
 @dataclass
@@ -105,15 +155,17 @@ class LlamaCppRuntime(Runtime):
     name = "llama.cpp"
 
     def load(self) -> None:
-        import llama_cpp
-
-        self._c = llama_cpp
+        self.close()  # a second load replaces the first
         self.model_path = find_gguf(self.artifact_dir, self.options.get("model_file"))
         self.n_ctx = int(self.options.get("n_ctx", DEFAULT_CTX))
         self.n_batch = int(self.options.get("n_batch", DEFAULT_BATCH))
         self.llm = open_llama(self.model_path, threads=self.threads, n_ctx=self.n_ctx, n_batch=self.n_batch,
                               lora_path=self.options.get("lora_path"),
-                              lora_scale=float(self.options.get("lora_scale", 1.0)))
+                              lora_scale=float(self.options.get("lora_scale", 1.0)),
+                              flash_attn=bool(self.options.get("flash_attn", True)))
+        import llama_cpp
+
+        self._c = llama_cpp
         self.n_vocab = int(self.llm.n_vocab())
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
         self._epoch = 0

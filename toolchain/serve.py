@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -264,12 +266,18 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def run_serve(args: argparse.Namespace) -> int:
     from runtimes.llamacpp_runtime import ChatModel
 
     model = ChatModel(args.bundle, lora_path=args.adapter, threads=args.threads, n_ctx=args.ctx)
     server = ChatServer(model, args.host, args.port, max_tokens=args.max_tokens, verbose=args.verbose)
     print(f"serving {model.name} on {server.url}/v1 (POST /v1/chat/completions); Ctrl-C stops", flush=True)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM stops as cleanly as Ctrl-C
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -147,7 +147,9 @@ def make_bench(runtime: str, target_name: str, source_id: str) -> Callable:
         b = ctx.recipe.bench
         settings = {"threads": b.threads, "prompt_tokens": b.prompt_tokens, "gen_tokens": b.gen_tokens,
                     "repetitions": b.repetitions, "warmup": b.warmup}
-        options = inputs[source_id].figures.get("runtime_options", {}) if source_id.startswith("export-") else {}
+        options = dict(inputs[source_id].figures.get("runtime_options", {})) if source_id.startswith("export-") else {}
+        if "lora_path" in options:  # bundle-relative in the manifest; absolute for the worker
+            options["lora_path"] = str((inputs[source_id].path / options["lora_path"]).resolve())
         job = {"runtime": runtime, "artifact": str(inputs[source_id].path.resolve()), "target": target_name,
                "options": options,
                "reference": str(inputs["reference"].path.resolve()), "settings": settings,

@@ -18,7 +18,9 @@ renamed into place only when llama.cpp reports success.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -47,12 +49,64 @@ def _llama_cpp():
     return llama_cpp
 
 
+# GGUF value type id -> struct format of a scalar (gguf.h enum gguf_type); 8 = string, 9 = array
+_GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+def read_gguf_header(path) -> tuple[dict, list[tuple[str, tuple[int, ...], int]]]:
+    """(scalar and string metadata, [(tensor name, ne dims, ggml type id)]) of a GGUF file.
+
+    Reads the header only (gguf-py's GGUFReader also maps every array item, seconds per file);
+    arrays are skipped and left out of the metadata.
+    """
+    import mmap
+
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        if mm[:4] != b"GGUF":
+            raise ModelSourceError(f"{path} is not a GGUF file (bad magic {bytes(mm[:4])!r})")
+        off = 8
+        n_tensors, n_kv = struct.unpack_from("<QQ", mm, off)
+        off += 16
+
+        def string(o):
+            (n,) = struct.unpack_from("<Q", mm, o)
+            return mm[o + 8:o + 8 + n].decode("utf-8", "replace"), o + 8 + n
+
+        def value(t, o):
+            if t == 8:
+                return string(o)
+            if t == 9:
+                item, n = struct.unpack_from("<IQ", mm, o)
+                o += 12
+                if item in _GGUF_SCALARS:
+                    return None, o + n * struct.calcsize("<" + _GGUF_SCALARS[item])
+                for _ in range(n):
+                    _, o = value(item, o)
+                return None, o
+            fmt = "<" + _GGUF_SCALARS[t]
+            return struct.unpack_from(fmt, mm, o)[0], o + struct.calcsize(fmt)
+
+        meta = {}
+        for _ in range(n_kv):
+            key, off = string(off)
+            (vtype,), off = struct.unpack_from("<I", mm, off), off + 4
+            val, off = value(vtype, off)
+            if val is not None:
+                meta[key] = val
+        tensors = []
+        for _ in range(n_tensors):
+            name, off = string(off)
+            (nd,) = struct.unpack_from("<I", mm, off)
+            dims = struct.unpack_from(f"<{nd}Q", mm, off + 4)
+            (ttype,) = struct.unpack_from("<I", mm, off + 4 + 8 * nd)
+            off += 4 + 8 * nd + 12
+            tensors.append((name, tuple(dims), ttype))
+    return meta, tensors
+
+
 def source_file_type(path: Path) -> int | None:
     """The ``general.file_type`` (enum llama_ftype) recorded in a GGUF file, None when absent."""
-    from gguf import GGUFReader
-
-    field = GGUFReader(path).get_field("general.file_type")
-    return None if field is None else int(field.contents())
+    return read_gguf_header(path)[0].get("general.file_type")
 
 
 def imatrix_means(imatrix) -> dict[str, np.ndarray]:
@@ -127,14 +181,14 @@ class _CapturedLog:
 
 def gguf_summary(path: Path) -> dict:
     """Parameter count and tensor type histogram of a GGUF file."""
-    from gguf import GGUFReader
+    from gguf import GGMLQuantizationType
 
-    r = GGUFReader(path)
     types: dict[str, int] = {}
     n_params = 0
-    for t in r.tensors:
-        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
-        n_params += int(t.n_elements)
+    for _name, dims, ttype in read_gguf_header(path)[1]:
+        tname = GGMLQuantizationType(ttype).name
+        types[tname] = types.get(tname, 0) + 1
+        n_params += math.prod(dims)
     return {"n_params": n_params, "tensor_types": dict(sorted(types.items()))}
 
 

@@ -299,9 +299,26 @@ def _spm_space_prefix(tj: dict) -> tuple[bool, list[str]]:
 
 def _special_tokens(vocab: Vocab, hf, model_dir: Path) -> None:
     ids = {role: getattr(hf, attr, None) for role, (attr, _) in tb.SPECIAL_TOKEN_KEYS.items()}
+    gen = _read_json(model_dir / "generation_config.json")
+    config = _read_json(model_dir / "config.json")
+    for role in ("bos", "eos"):
+        # llama.cpp falls back to GPT-2's ids (11) or Llama's (1, 2) for a missing BOS/EOS key:
+        # take the model's own from its configs, as llama.cpp's converter does
+        if ids[role] is None:
+            candidates = [c.get(f"{role}_token_id") for c in (gen, config, config.get("text_config") or {})]
+            found = next((c for c in candidates if c is not None), None)
+            ids[role] = found[0] if isinstance(found, list) and found else found
+            if ids[role] is not None:
+                vocab.warnings.append(f"the tokenizer names no {role.upper()} token; using id {ids[role]} "
+                                      f"from the model config")
+    if ids["eos"] is None:
+        raise _refuse("neither the tokenizer nor the model config names an EOS token, so llama.cpp would not "
+                      "know when generation ends", "set eos_token on the tokenizer and save it again")
+    if ids["bos"] is None:
+        ids["bos"] = ids["eos"]  # never added (add_bos is false); keeps llama.cpp off its default id
+        vocab.warnings.append("no BOS token: recorded the EOS id so that llama.cpp does not assume a default one")
     index = {text: i for i, text in enumerate(vocab.tokens)}
     eot = next((index[t] for t in tb.EOT_TOKEN_TEXTS if t in index), None)
-    gen = _read_json(model_dir / "generation_config.json")
     gen_eos = gen.get("eos_token_id")
     if eot is None and isinstance(gen_eos, list):
         eot = next((i for i in gen_eos if i != ids["eos"]), None)

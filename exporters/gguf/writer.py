@@ -58,9 +58,9 @@ def run_preflight(model_dir: str | Path, options: dict | None = None) -> Preflig
     return Preflight(family, hparams, vocab, out_type)
 
 
-def tensor_type(name: str, array: np.ndarray, out_type: str) -> tb.GGMLType:
+def tensor_type(name: str, ndim: int, out_type: str) -> tb.GGMLType:
     """llama.cpp keeps 1-D tensors and norm weights in F32; the rest take ``out_type``."""
-    if array.ndim <= tb.F32_MAX_DIMS or name.endswith(tb.F32_NAME_SUFFIXES):
+    if ndim <= tb.F32_MAX_DIMS or name.endswith(tb.F32_NAME_SUFFIXES):
         return tb.GGMLType.F32
     return tb.OUT_TYPES[out_type].tensor_type
 
@@ -94,7 +94,7 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, out_type: str = "F16
 
     plan = []  # (name, shape, type, source): the infos go into the header before any data
     for e in entries:
-        qtype = tensor_type(e.gguf_name, np.empty(e.shape, dtype=np.uint8), pre.out_type)
+        qtype = tensor_type(e.gguf_name, len(e.shape), pre.out_type)
         plan.append((e.gguf_name, e.shape, qtype, e))
     for name, array in extras:
         plan.append((name, array.shape, tb.GGMLType.F32, array))

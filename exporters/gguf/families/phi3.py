@@ -37,7 +37,8 @@ def read_hparams(config: dict) -> Hparams:
     if hp.rope_dims % 2 or hp.rope_dims <= 0:
         raise refuse("`partial_rotary_factor` x `head_dim` must be a positive even number", hp.rope_dims,
                      "fix config.json")
-    orig_ctx = rope.params.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+    # transformers 5 lets the top-level key override the one inside rope_parameters
+    orig_ctx = config.get("original_max_position_embeddings", rope.params.get("original_max_position_embeddings"))
     warnings = []
     if rope.rope_type == ROPE_LONGROPE:
         long_f, short_f = rope.params.get("long_factor"), rope.params.get("short_factor")
@@ -46,7 +47,7 @@ def read_hparams(config: dict) -> Hparams:
             raise refuse(f"longrope needs `long_factor` and `short_factor` lists of {hp.rope_dims // 2} numbers",
                          {"long_factor": long_f, "short_factor": short_f}, "fix config.json")
         orig_ctx = positive_int({"original_max_position_embeddings": orig_ctx}, "original_max_position_embeddings")
-        scale = hp.context_length / orig_ctx
+        scale = float(rope.params.get("factor") or hp.context_length / orig_ctx)  # as transformers reads it
         attn = rope.params.get("attention_factor")
         if attn is None:
             attn = math.sqrt(1 + math.log(scale) / math.log(orig_ctx)) if scale > 1.0 else 1.0

