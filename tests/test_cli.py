@@ -26,11 +26,29 @@ HELP_WORDS = {
     "doctor": "Check Python packages, CPU features",
 }
 # stage id -> the stages it needs (what the plan must have listed before it)
-QUICKSTART_STAGES = {
-    "model": [], "data": [], "train": ["model", "data"], "merge": ["model", "train"],
-    "eval": ["model", "merge", "data"], "reference": ["merge", "data"], "bench-torch": ["merge", "reference"],
-    "export-onnx-fp32": ["merge"], "bench-onnx-fp32-onnxruntime": ["export-onnx-fp32", "reference"],
-}
+def _quickstart_stages() -> dict[str, list[str]]:
+    """The stages the quickstart must plan, with the inputs each must come after."""
+    import yaml
+
+    targets = yaml.safe_load(QUICKSTART.read_text())["targets"]
+    stages = {
+        "model": [], "data": [], "train": ["model", "data"], "merge": ["model", "train"],
+        "eval": ["model", "merge", "data"], "reference": ["merge", "data"], "bench-torch": ["merge", "reference"],
+    }
+    runtimes = {"onnx": "onnxruntime", "gguf": "llama.cpp", "gguf-lora": "llama.cpp"}
+    for t in targets:
+        needs = ["merge"]
+        if t.get("options", {}).get("imatrix"):
+            stages["calibrate"] = ["model", "data"]
+            needs.append("calibrate")
+        if t["format"] == "gguf-lora":
+            needs += ["model", "train"]
+        stages[f"export-{t['name']}"] = needs
+        stages[f"bench-{t['name']}-{runtimes[t['format']]}"] = [f"export-{t['name']}", "reference"]
+    return stages
+
+
+QUICKSTART_STAGES = _quickstart_stages()
 
 
 def _flat(text: str) -> str:
@@ -183,7 +201,7 @@ def test_unknown_export_target_names_the_known_ones(tmp_path, capsys):
 
     err = capsys.readouterr().err
     assert code == 2
-    assert "--target nope is not in the recipe (targets: onnx-fp32)" in err
+    assert "--target nope is not in the recipe (targets: " in err and "onnx-fp32" in err
     assert not (tmp_path / "quickstart").exists()
 
 

@@ -3,6 +3,8 @@
     edgesmith run RECIPE            every stage: data, train, merge, eval, export, bench, report
     edgesmith train|merge|export|bench|report RECIPE
                                     the same pipeline, stopping after that stage (cached stages reused)
+    edgesmith chat BUNDLE           chat with a GGUF bundle in the terminal (streams tokens, chat template)
+    edgesmith serve BUNDLE          OpenAI-compatible chat completions over HTTP (127.0.0.1)
     edgesmith targets               registered exporters and runtimes, and whether their extras are installed
     edgesmith doctor                checks packages, CPU features, chromium and disk
 """
@@ -52,6 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--target", action="append", default=[], help="only this target (repeatable)")
     sub.add_parser("targets", help="list exporters and runtimes and whether their extras are installed",
                    description="List registered exporters and runtimes; shows what is missing to use each.")
+    from toolchain.chatcli import add_chat_parser
+    from toolchain.serve import add_serve_parser
+
+    add_chat_parser(sub)
+    add_serve_parser(sub)
     p = sub.add_parser("doctor", help="check the environment", description="Check Python packages, CPU features, "
                        "chromium, the embedded model and free disk; exits non-zero when something required is missing.")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
@@ -153,6 +160,12 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_pipeline(args, STAGE_COMMANDS[args.command][0])
         if args.command == "targets":
             return cmd_targets()
+        if args.command == "chat":
+            from toolchain.chatcli import run_chat
+            return run_chat(args)
+        if args.command == "serve":
+            from toolchain.serve import run_serve
+            return run_serve(args)
         if args.command == "doctor":
             from toolchain.doctor import run_doctor
             return run_doctor(as_json=args.json)

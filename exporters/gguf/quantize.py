@@ -35,6 +35,7 @@ KV_IMATRIX_DATASET = "quantize.imatrix.dataset"
 KV_IMATRIX_N_ENTRIES = "quantize.imatrix.entries_count"
 KV_IMATRIX_N_CHUNKS = "quantize.imatrix.chunks_count"
 KV_STR_MAX = 127  # llama_model_kv_override.val_str is char[128]
+GGUF_DEFAULT_ALIGNMENT = 32  # gguf.h GGUF_DEFAULT_ALIGNMENT, unless general.alignment says otherwise
 
 # GGUF general.file_type values of unquantised sources (enum llama_ftype)
 FLOAT_FILE_TYPES = {0: "F32", 1: "F16", 32: "BF16"}
@@ -53,8 +54,9 @@ def _llama_cpp():
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
-def read_gguf_header(path) -> tuple[dict, list[tuple[str, tuple[int, ...], int]]]:
-    """(scalar and string metadata, [(tensor name, ne dims, ggml type id)]) of a GGUF file.
+def read_gguf_header(path) -> tuple[dict, list[tuple[str, tuple[int, ...], int, int]], int]:
+    """(scalar and string metadata, [(tensor name, ne dims, ggml type id, byte offset in the data
+    section)], data section start) of a GGUF file.
 
     Reads the header only (gguf-py's GGUFReader also maps every array item, seconds per file);
     arrays are skipped and left out of the metadata.
@@ -98,15 +100,22 @@ def read_gguf_header(path) -> tuple[dict, list[tuple[str, tuple[int, ...], int]]
             name, off = string(off)
             (nd,) = struct.unpack_from("<I", mm, off)
             dims = struct.unpack_from(f"<{nd}Q", mm, off + 4)
-            (ttype,) = struct.unpack_from("<I", mm, off + 4 + 8 * nd)
+            ttype, offset = struct.unpack_from("<IQ", mm, off + 4 + 8 * nd)
             off += 4 + 8 * nd + 12
-            tensors.append((name, tuple(dims), ttype))
-    return meta, tensors
+            tensors.append((name, tuple(dims), ttype, offset))
+    align = int(meta.get("general.alignment", GGUF_DEFAULT_ALIGNMENT))
+    return meta, tensors, -(-off // align) * align
 
 
 def source_file_type(path: Path) -> int | None:
     """The ``general.file_type`` (enum llama_ftype) recorded in a GGUF file, None when absent."""
     return read_gguf_header(path)[0].get("general.file_type")
+
+
+def _block_count(path: Path) -> int | None:
+    meta = read_gguf_header(path)[0]
+    arch = meta.get("general.architecture")
+    return meta.get(f"{arch}.block_count")
 
 
 def imatrix_means(imatrix) -> dict[str, np.ndarray]:
@@ -180,27 +189,36 @@ class _CapturedLog:
 
 
 def gguf_summary(path: Path) -> dict:
-    """Parameter count and tensor type histogram of a GGUF file."""
+    """Parameter count, tensor type histogram, and the bits per weight the repeating layers'
+    matrices (``blk.*``, 2-d) take on disk, measured from the tensor data offsets."""
     from gguf import GGMLQuantizationType
 
+    _meta, tensors, data_start = read_gguf_header(path)
+    ends = sorted(t[3] for t in tensors)[1:] + [Path(path).stat().st_size - data_start]
+    span = dict(zip(sorted(t[3] for t in tensors), ends))  # offset -> end of its (padded) data
     types: dict[str, int] = {}
-    n_params = 0
-    for _name, dims, ttype in read_gguf_header(path)[1]:
+    n_params = layer_params = layer_bytes = 0
+    for name, dims, ttype, offset in tensors:
         tname = GGMLQuantizationType(ttype).name
         types[tname] = types.get(tname, 0) + 1
         n_params += math.prod(dims)
-    return {"n_params": n_params, "tensor_types": dict(sorted(types.items()))}
+        if name.startswith("blk.") and len(dims) == 2:
+            layer_params += math.prod(dims)
+            layer_bytes += span[offset] - offset
+    return {"n_params": n_params, "tensor_types": dict(sorted(types.items())),
+            "layer_bits_per_weight": round(layer_bytes * 8 / layer_params, 4) if layer_params else None}
 
 
 def quantize(src_gguf, dst_gguf, qtype: str | QuantType, imatrix_path=None, threads: int = 2, *,
-             imatrix=None, allow_requantize: bool = False, verbose: bool = False) -> dict:
+             imatrix=None, allow_requantize: bool = False, prune_layers=None, verbose: bool = False) -> dict:
     """Quantise ``src_gguf`` into ``dst_gguf`` as ``qtype`` with llama.cpp's quantiser.
 
     ``imatrix_path`` is an importance-matrix file (llama.cpp's GGUF format or legacy ``.dat``);
     ``imatrix`` may instead be the ``{name: (sum2, count)}`` mapping from
     ``exporters.gguf.imatrix.compute_imatrix``. ``allow_requantize`` lets a source that is
     already quantised be re-quantised (its weights are dequantised first; quality is bounded by
-    the source's). Returns a summary dict (sizes, bits per weight, tensor types, imatrix use).
+    the source's). ``prune_layers`` lists decoder layers (``blk.N``) llama.cpp drops while
+    quantising, renumbering the rest. Returns a summary dict (sizes, bits per weight, tensor types, imatrix use).
     """
     lc = _llama_cpp()
     q = get_quant_type(qtype)
@@ -232,6 +250,14 @@ def quantize(src_gguf, dst_gguf, qtype: str | QuantType, imatrix_path=None, thre
     params.nthread = threads
     params.allow_requantize = bool(allow_requantize)
     keep_alive = []
+    if prune_layers:
+        layers = sorted({int(i) for i in prune_layers})
+        n_layer = _block_count(src)
+        if layers[0] < 0 or (n_layer is not None and layers[-1] >= n_layer):
+            raise PreflightError(f"`prune_layers` must be layer indices in [0, {n_layer}), got {list(prune_layers)!r}")
+        pl = (ctypes.c_int32 * (len(layers) + 1))(*layers, -1)  # -1 ends the list
+        params.prune_layers = pl
+        keep_alive.append(pl)
     if means:
         arr, names = _imatrix_array(lc, means)
         params.imatrix = arr
@@ -272,6 +298,7 @@ def quantize(src_gguf, dst_gguf, qtype: str | QuantType, imatrix_path=None, thre
         "bits_per_weight": round(size * 8 / max(summary["n_params"], 1), 4),
         "nominal_bits_per_weight": q.bits_per_weight,
         "n_params": summary["n_params"], "tensor_types": summary["tensor_types"],
+        "layer_bits_per_weight": summary["layer_bits_per_weight"], "pruned_layers": sorted(prune_layers or []),
         "imatrix": {"used": bool(means), "entries": len(means or {}),
                     "file": str(imatrix_path) if imatrix_path else None,
                     "ignored_by_type": imatrix is not None and not q.uses_imatrix, **meta},

@@ -490,9 +490,9 @@ def test_llama_cpp_rope_scaling(variant, tmp_path_factory, tmp_path):
         # old context 64 puts the 16-dim head's wavelengths on both sides of the smoothing band
         "llama3-rope": ("llama", dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
                                       high_freq_factor=4.0, original_max_position_embeddings=64)),
-        # llama.cpp's context (64) and the sequence stay within the original 128: short factors
+        # llama.cpp's context (64, padded to 256) and the sequence stay within the original 512: short factors
         "phi3-longrope": ("phi3", dict(rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
-                                       original_max_position_embeddings=128,
+                                       original_max_position_embeddings=512,
                                        short_factor=[1.0, 1.1, 1.3, 1.6], long_factor=[2.0, 3.0, 4.0, 6.0])),
     }[variant]
     _, tok, base_dir, _, _ = export(family, tmp_path_factory)
@@ -502,6 +502,7 @@ def test_llama_cpp_rope_scaling(variant, tmp_path_factory, tmp_path):
     cfg["rope_parameters"] = rope
     if family == "phi3":  # transformers 5 reads the top-level key over the rope_parameters one
         cfg["original_max_position_embeddings"] = rope["original_max_position_embeddings"]
+        cfg["max_position_embeddings"] = 2 * rope["original_max_position_embeddings"]
     (model_dir / "config.json").write_text(json.dumps(cfg))
     result = write_gguf(model_dir, tmp_path / "m.gguf", "F32")
     assert result["hparams"]["rope_type"] == rope["rope_type"]
@@ -511,7 +512,7 @@ def test_llama_cpp_rope_scaling(variant, tmp_path_factory, tmp_path):
     ids = tok.encode("The quick brown fox jumps over the lazy dog, 12 times!")[:12]
     model = hf_model(model_dir)
     assert model.config.rope_parameters["rope_type"] == rope["rope_type"]
-    if family == "phi3":  # the attention factor is exercised: sqrt(1 + ln(256/128) / ln(128))
+    if family == "phi3":  # the attention factor is exercised: sqrt(1 + ln(2) / ln(512))
         assert model.model.rotary_emb.attention_scaling == pytest.approx(result["hparams"]["rope_attn_factor"])
         assert result["hparams"]["rope_attn_factor"] > 1.05
     with torch.no_grad():

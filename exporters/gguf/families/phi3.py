@@ -53,9 +53,9 @@ def read_hparams(config: dict) -> Hparams:
             attn = math.sqrt(1 + math.log(scale) / math.log(orig_ctx)) if scale > 1.0 else 1.0
         hp.extra.update(rope_factors_long=[float(x) for x in long_f], rope_factors_short=[float(x) for x in short_f],
                         rope_attn_factor=float(attn))
-        warnings.append(f"llama.cpp picks the long rope factors whenever its context is longer than {orig_ctx} "
-                        f"tokens, Hugging Face only once the sequence is; create the llama.cpp context with "
-                        f"n_ctx <= {orig_ctx} to match short prompts exactly")
+        warnings.append(f"llama.cpp picks the long rope factors whenever its context (n_ctx, rounded up to a "
+                        f"multiple of 256) exceeds {orig_ctx} tokens, Hugging Face only once the sequence does; "
+                        f"with a longer context, short prompts get the long factors in llama.cpp")
     window = config.get("sliding_window")
     if window is not None and window < hp.context_length:
         warnings.append(f"sliding_window {window} is disabled in llama.cpp's phi3: identical to the Hugging Face "
