@@ -40,7 +40,8 @@ def _quickstart_stages() -> dict[str, list[str]]:
         needs = ["merge"]
         if t.get("options", {}).get("imatrix"):
             stages["calibrate"] = ["model", "data"]
-            needs.append("calibrate")
+            stages["imatrix"] = ["merge", "calibrate"]
+            needs.append("imatrix")
         if t["format"] == "gguf-lora":
             needs += ["model", "train"]
         stages[f"export-{t['name']}"] = needs

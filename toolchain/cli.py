@@ -122,7 +122,9 @@ def gate_summary(steps, runner) -> int:
         if step.stage.kind != "bench" or step.key is None:
             continue
         art = Artifact.open(runner.store.path_for(step.stage.id, step.key))
-        gate = art.figures.get("gate") if art else None
+        from toolchain.gates import verdict
+        fig = art.figures if art else {}
+        gate = verdict(fig.get("format"), fig.get("precision"), fig.get("quality"))
         if gate:
             failed += not gate["passed"]
             state = "pass" if gate["passed"] else "FAIL (" + "; ".join(gate["failures"]) + ")"
@@ -141,7 +143,7 @@ def cmd_targets() -> int:
         print(f"{title}:")
         for e in reg:
             missing = e.missing()
-            state = "installed" if not missing else f"missing {', '.join(missing)} (pip install 'edgesmith[{e.extra}]')"
+            state = "installed" if not missing else f"missing {', '.join(missing)} ({e.install_hint()})"
             extra = f" runtimes: {', '.join(DEFAULT_RUNTIMES.get(e.name, []))};" if title == "exporters" else ""
             print(f"  {e.name:<12} {e.summary};{extra} {state}")
     return 0

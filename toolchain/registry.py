@@ -20,7 +20,13 @@ class Entry:
     requires: tuple[str, ...]  # importable modules it needs
     summary: str
     config: str | None = None  # "package.module:ConfigClass" validating the recipe's options
-    needs: tuple[str, ...] = ()  # extra stage inputs passed to the exporter: "calibration", "adapter"
+    needs: tuple[str, ...] = ()  # extra stage inputs passed to the exporter: calibration, imatrix, adapter
+    install: str | None = None  # how to install what it needs, when a pip extra is not enough
+
+    def install_hint(self) -> str:
+        if self.install:
+            return self.install
+        return f"pip install 'edgesmith[{self.extra}]'" if self.extra else f"pip install {' '.join(self.missing())}"
 
     def missing(self) -> list[str]:
         return [m for m in self.requires if importlib.util.find_spec(m) is None]
@@ -31,7 +37,7 @@ class Entry:
     def load(self):
         missing = self.missing()
         if missing:
-            hint = f"pip install 'edgesmith[{self.extra}]'" if self.extra else f"pip install {' '.join(missing)}"
+            hint = self.install_hint()
             raise EdgesmithError(f"{self.name!r} needs {', '.join(missing)}, which is not installed (fix: {hint})")
         return _resolve(self.target)
 
@@ -79,10 +85,10 @@ EXPORTERS = Registry("exporter", [
     Entry("onnx", "exporters.onnx:export", "onnx", ("onnx", "numpy"),
           "ONNX decoder with KV cache (past/present), for onnxruntime",
           config="exporters.onnx.config:OnnxExportConfig"),
-    Entry("gguf", "exporters.gguf.export:export", "gguf", ("gguf", "llama_cpp"),
+    Entry("gguf", "exporters.gguf.export:export", None, ("gguf", "llama_cpp"),
           "GGUF for llama.cpp: F32/F16/BF16 and llama.cpp's own quantiser (Q8_0 ... IQ4), optional imatrix",
-          config="exporters.gguf.config:GgufExportConfig", needs=("calibration",)),
-    Entry("gguf-lora", "exporters.gguf.lora:export", "gguf", ("gguf",),
+          config="exporters.gguf.config:GgufExportConfig", needs=("imatrix",), install="bash scripts/install-llama-cpp.sh (portable llama-cpp-python build)"),
+    Entry("gguf-lora", "exporters.gguf.lora:export", None, ("gguf",),
           "the LoRA adapter as a GGUF adapter applied at load time over a base GGUF",
           config="exporters.gguf.config:GgufLoraConfig", needs=("adapter",)),
 ])
@@ -92,8 +98,8 @@ RUNTIMES = Registry("runtime", [
           "PyTorch + transformers on the merged model: the reference"),
     Entry("onnxruntime", "runtimes.onnxruntime_runtime:OnnxRuntime", "onnx", ("onnxruntime",),
           "onnxruntime CPU execution provider with a KV-cache loop"),
-    Entry("llama.cpp", "runtimes.llamacpp_runtime:LlamaCppRuntime", "gguf", ("llama_cpp",),
-          "llama.cpp through llama-cpp-python (CPU; GGUF models and GGUF LoRA adapters)"),
+    Entry("llama.cpp", "runtimes.llamacpp_runtime:LlamaCppRuntime", None, ("llama_cpp",),
+          "llama.cpp through llama-cpp-python (CPU; GGUF models and GGUF LoRA adapters)", install="bash scripts/install-llama-cpp.sh (portable llama-cpp-python build)"),
 ])
 
 # Which runtimes can run each exporter's output by default.

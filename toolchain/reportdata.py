@@ -5,6 +5,7 @@ import time
 
 from toolchain import __version__
 from toolchain.artifacts import Artifact, library_versions
+from toolchain.gates import verdict
 
 
 def collect(ctx, inputs: dict[str, Artifact]) -> dict:
@@ -34,6 +35,7 @@ def collect(ctx, inputs: dict[str, Artifact]) -> dict:
         elif sid.startswith("bench-"):
             row = dict(art.figures)
             row.pop("greedy_outputs", None)
+            row["gate"] = verdict(row.get("format"), row.get("precision"), row.get("quality"))
             bench.append(row)
     if targets:
         data["targets"] = targets

@@ -18,7 +18,8 @@ from toolchain.artifacts import Artifact, fingerprint_path
 from toolchain.errors import EdgesmithError, StageError
 from toolchain.recipe import Recipe
 
-ROLE_ORDER = ("data", "model", "train", "merge", "eval", "reference", "calibrate", "export", "bench", "report")
+ROLE_ORDER = ("data", "model", "train", "merge", "eval", "reference", "calibrate", "imatrix", "export", "bench",
+              "report")
 
 
 @dataclass
@@ -108,6 +109,18 @@ def run_reference(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
     return write_reference(inputs["merge"].path, examples, ctx.recipe.bench, out)
 
 
+def run_imatrix(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
+    from exporters.gguf.imatrix import compute_imatrix, save_imatrix
+
+    batches = json.loads((inputs["calibrate"].path / "calibration.json").read_text())["batches"]
+    model_dir = inputs["merge"].path
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "llama")
+    t = time.perf_counter()
+    data = compute_imatrix(model_dir, batches, family=model_type)
+    save_imatrix(data, out / "imatrix.gguf")
+    return {"entries": len(data), "tokens": sum(len(b) for b in batches), "compute_s": time.perf_counter() - t}
+
+
 def run_calibrate(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
     from toolchain.evaluate import calibration_sample
 
@@ -120,6 +133,8 @@ def export_extras(entry, inputs: dict[str, Artifact]) -> dict:
     extras = {}
     if "calibration" in entry.needs and "calibrate" in inputs:
         extras["calibration"] = inputs["calibrate"].path / "calibration.json"
+    if "imatrix" in entry.needs and "imatrix" in inputs:
+        extras["imatrix"] = inputs["imatrix"].path / "imatrix.gguf"
     if "adapter" in entry.needs:
         extras["adapter_dir"] = inputs["train"].path
         extras["base_dir"] = inputs["model"].path
@@ -164,11 +179,9 @@ def make_bench(runtime: str, target_name: str, source_id: str) -> Callable:
             raise StageError(f"benchmark of {target_name} on {runtime} failed (exit code {proc.returncode}"
                              f"{', killed by signal ' + str(-proc.returncode) if proc.returncode < 0 else ''}):\n{tail}")
         result = json.loads(result_path.read_text())
-        from toolchain.gates import verdict
         fig = inputs[source_id].figures
         fmt, precision = (fig.get("format"), fig.get("precision")) if source_id.startswith("export-") else ("torch", "fp32")
-        result["format"], result["precision"] = fmt, precision
-        result["gate"] = verdict(fmt, precision, result.get("quality"))
+        result["format"], result["precision"] = fmt, precision  # the gate is judged when read (toolchain.gates)
         return result
     return run_bench
 
@@ -228,9 +241,13 @@ def plan(recipe: Recipe) -> list[Stage]:
         cls = EXPORTERS.get(t.format).config_class()
         return cls(**t.options) if cls else None
 
-    if any(getattr(target_cfg(t), "needs_calibration", False) for t in recipe.targets):
+    cfgs = [target_cfg(t) for t in recipe.targets]
+    if any(getattr(c, "needs_calibration", False) or getattr(c, "needs_imatrix", False) for c in cfgs):
         stages.append(Stage("calibrate", "calibrate", ["model"] + (["data"] if recipe.data is not None else []),
                             asdict(recipe.calibrate), run_calibrate, "calibration sample for quantisers"))
+    if any(getattr(c, "needs_imatrix", False) for c in cfgs):
+        stages.append(Stage("imatrix", "imatrix", [merged, "calibrate"], {"method": "llama-imatrix sum of x^2"},
+                            _with_merge_alias(run_imatrix, merged), "importance matrix on the calibration sample"))
     bench_cfg = asdict(recipe.bench)
     if recipe.bench.reference:
         stages.append(Stage("bench-torch", "bench", [merged, "reference"], {"bench": bench_cfg, "runtime": "torch"},
@@ -241,6 +258,8 @@ def plan(recipe: Recipe) -> list[Stage]:
         needs = [merged]
         if getattr(cfg, "needs_calibration", False):
             needs.append("calibrate")
+        if getattr(cfg, "needs_imatrix", False):
+            needs.append("imatrix")
         if getattr(cfg, "needs_adapter", False):
             needs += [i for i in ("model", "train") if i not in needs]
         stages.append(Stage(eid, "export", needs, {"format": t.format, "options": t.options},

@@ -29,7 +29,7 @@ class GgufExportConfig:
         return self.quant
 
     @property
-    def needs_calibration(self) -> bool:
+    def needs_imatrix(self) -> bool:
         return self.imatrix
 
 

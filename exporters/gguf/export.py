@@ -1,12 +1,11 @@
 """The `gguf` target: merged HF model -> one GGUF file, quantised by llama.cpp's own quantiser.
 
 Float types are written directly. Quantised types go F32 GGUF (a temporary file) -> llama.cpp's
-``llama_model_quantize``, with an importance matrix computed on the shared calibration sample when
-the target asks for one (the file is kept beside the model as ``imatrix.gguf``).
+``llama_model_quantize``, with the importance matrix of the `imatrix` stage (computed once on the
+shared calibration sample, in llama.cpp's imatrix GGUF format) when the target asks for one.
 """
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -24,7 +23,8 @@ def preflight(model_dir, options: dict | None = None) -> None:
     writer_preflight(model_dir, {"out_type": cfg.quant if cfg.quant in BASE_TYPES else "F32"})
 
 
-def export(model_dir, out_dir, options: dict | None = None, calibration: Path | None = None) -> dict:
+def export(model_dir, out_dir, options: dict | None = None, imatrix: Path | None = None) -> dict:
+    """Write ``model-<QUANT>.gguf``; ``imatrix`` is the shared importance matrix (the `imatrix` stage)."""
     from exporters.gguf import write_gguf
 
     cfg = GgufExportConfig(**(options or {}))
@@ -38,20 +38,11 @@ def export(model_dir, out_dir, options: dict | None = None, calibration: Path | 
 
     from exporters.gguf.quantize import quantize
 
-    imatrix_path = None
-    if cfg.imatrix:
-        if calibration is None or not Path(calibration).is_file():
-            raise PreflightError("gguf target with imatrix: true needs the calibration sample (the `calibrate` stage)")
-        from exporters.gguf.imatrix import compute_imatrix, save_imatrix
-
-        batches = json.loads(Path(calibration).read_text())["batches"]
-        model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type", "llama")
-        data = compute_imatrix(model_dir, batches, family=model_type)
-        imatrix_path = save_imatrix(data, out_dir / "imatrix.gguf")
-        info["imatrix_entries"] = len(data)
-        info["imatrix_tokens"] = sum(len(b) for b in batches)
+    if cfg.imatrix and (imatrix is None or not Path(imatrix).is_file()):
+        raise PreflightError("gguf target with imatrix: true needs the importance matrix (the `imatrix` stage)")
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=".gguf-f32-") as tmp:
         base = Path(tmp) / "model-F32.gguf"
         info["writer"] = write_gguf(model_dir, base, out_type="F32")
-        info["quantize"] = quantize(base, out_dir / name, cfg.quant, imatrix_path=imatrix_path, threads=cfg.threads)
+        info["quantize"] = quantize(base, out_dir / name, cfg.quant, imatrix_path=imatrix if cfg.imatrix else None,
+                                    threads=cfg.threads)
     return info

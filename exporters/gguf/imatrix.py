@@ -140,7 +140,7 @@ def compute_imatrix(model_dir, token_batches: list[list[int]], family: str = "ll
             x = x.reshape(-1, x.shape[-1])
             if x.shape[0] < MIN_ROWS:
                 return
-            s = x.to(torch.float64).pow(2).sum(0)
+            s = (x * x).sum(0, dtype=torch.float64)  # per-column sum of squares, accumulated in f64
             sums[name] = s if name not in sums else sums[name] + s
             counts[name] = counts.get(name, 0) + x.shape[0]
         return hook

@@ -28,6 +28,9 @@ GATES = {
     "onnx_fp32_top1_min": 0.999,
     # next-token KL between two fp32 implementations is rounding noise only
     "onnx_fp32_kl_max": 1e-4,
+    # base F16 GGUF + adapter GGUF applied by llama.cpp vs the merged F16 GGUF: same function up to
+    # fp16 rounding of the merged weights and llama.cpp's batched-vs-single kernels (KL ~2e-4)
+    "lora_vs_merged_kl_max": 5e-3,
 }
 
 
@@ -46,6 +49,14 @@ def test_quickstart(tmp_path):
     assert onnx["quality"]["top1_agreement"] >= GATES["onnx_fp32_top1_min"]
     assert onnx["quality"]["kl_mean"] <= GATES["onnx_fp32_kl_max"]
     torch_row = rows[("merged", "torch")]
+    # every GGUF target ran on llama.cpp, passed its quality gate, and the imatrix helped Q4_K_M
+    gguf_rows = {t: r for (t, rt), r in rows.items() if rt == "llama.cpp"}
+    assert {"gguf-f16", "gguf-q8_0", "gguf-q4_k_m", "gguf-q4_k_m-imatrix", "gguf-iq4_xs-imatrix", "gguf-lora"} <= set(gguf_rows)
+    for name, row in gguf_rows.items():
+        assert row["gate"] and row["gate"]["passed"], (name, row["gate"])
+        assert row["decode_tps"]["mean"] > 0
+    assert gguf_rows["gguf-q4_k_m-imatrix"]["quality"]["kl_mean"] < gguf_rows["gguf-q4_k_m"]["quality"]["kl_mean"]
+    assert gguf_rows["gguf-f16"]["quality"]["greedy_match"] == 1.0
     for row in (onnx, torch_row):
         for key in ("ttft_ms", "prefill_tps", "decode_tps"):
             assert row[key]["n"] == 3 and row[key]["mean"] > 0
@@ -56,6 +67,32 @@ def test_quickstart(tmp_path):
     assert (run_dir / "train" / "adapter_model.safetensors").exists()
     assert (run_dir / "train" / "loss.png").exists()
 
+    check_adapter_matches_merged(run_dir)
+
     assert main(["run", str(recipe), "--quiet", "--set", f"output_dir={out}"]) == 0
     stages = json.loads((run_dir / "run.json").read_text())["stages"]
     assert {s["status"] for s in stages} == {"cached"}
+
+
+def check_adapter_matches_merged(run_dir: Path) -> None:
+    """base F16 GGUF + the LoRA adapter GGUF in llama.cpp == the merged F16 GGUF in llama.cpp."""
+    import numpy as np
+
+    from runtimes.base import log_softmax
+    from runtimes.llamacpp_runtime import LlamaCppRuntime
+
+    ref = json.loads((run_dir / "reference" / "reference.json").read_text())
+    lora_dir = run_dir / "export-gguf-lora"
+    figures = json.loads((lora_dir / "manifest.json").read_text())["figures"]
+    opts = dict(figures["runtime_options"], lora_path=str(lora_dir / figures["runtime_options"]["lora_path"]))
+    with_adapter = LlamaCppRuntime(lora_dir, threads=2, **opts)
+    merged = LlamaCppRuntime(run_dir / "export-gguf-f16", threads=2)
+    base_only = LlamaCppRuntime(lora_dir, threads=2, model_file=opts["model_file"])
+    ids = ref["quality_ids"][:128]
+    p, q, b = (log_softmax(rt.logits(ids)) for rt in (merged, with_adapter, base_only))
+    kl = float((np.exp(p) * (p - q)).sum(-1).mean())
+    kl_base = float((np.exp(p) * (p - b)).sum(-1).mean())
+    assert kl <= GATES["lora_vs_merged_kl_max"], kl
+    assert kl_base > 10 * kl  # the adapter is what makes them agree
+    prompt = ref["greedy_prompt_ids"][0]
+    assert with_adapter.generate(prompt, 24, ref["stop_ids"]) == merged.generate(prompt, 24, ref["stop_ids"])

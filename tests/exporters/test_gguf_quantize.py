@@ -22,12 +22,16 @@ from toolchain.errors import PreflightError
 
 REPO = Path(__file__).resolve().parents[2]
 TOLERANCES = {
-    # file bits per weight / nominal bits of the main type. Above 1: token_embd (21% of SmolLM2's
-    # weights, tied to the output) gets Q6_K -> Q8_0 in most mixes, hidden size 576 is no multiple of
-    # 256 so K/IQ4_XS tensors fall back to 32-blocks (5.5 bits for Q4_K -> Q5_0), "_M" mixes add Q6_K,
-    # norms stay F32. Float types and Q8_0 land near 1.0.
-    "bpw_ratio_min": 0.95,
-    "bpw_ratio_max": {"default": 1.6, "Q2_K": 2.0, "Q3_K_M": 1.8},
+    # bits per weight of the decoder layers' matrices on disk / nominal bits of the main type.
+    # Exactly 1.0 for the uniform 32-block types. Above 1 elsewhere: SmolLM2's hidden size 576 is
+    # no multiple of 256, so 256-block tensors fall back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
+    # IQ4_XS -> IQ4_NL, Q2_K/Q3_K -> Q4_0), and "_M" mixes give some tensors more bits. Measured:
+    # Q6_K 1.22, Q5_K_M 1.10, Q4_K_M 1.23, IQ4_XS 1.04, Q3_K_M 1.35, Q2_K 1.61.
+    "layer_bpw_ratio_min": 0.99,
+    "layer_bpw_ratio_max": {"default": 1.3, "Q3_K_M": 1.45, "Q2_K": 1.75},
+    # whole-file bits per weight of the full embedded model (token_embd, 21% of the weights and
+    # tied to the output, gets Q8_0/Q6_K): measured Q4_K_M 6.27, IQ4_XS 5.43.
+    "file_bpw_max": {"Q4_K_M": 6.6, "IQ4_XS": 5.8},
     # KL(float || quantised) with the imatrix may exceed the one without by this factor before the
     # test fails: on a 135M model over ~500 held-out tokens run-to-run noise is nil (deterministic),
     # but a 2k-token calibration can be neutral on a given text; a real regression is far larger.
@@ -56,6 +60,10 @@ PROSE_HELDOUT = (
     "the first villages, because the floods that damage houses also leave rich soil behind. Today "
     "engineers build dams to hold back floods and to make electricity, but every dam changes the life of "
     "the fish, the birds and the people downstream, and those costs are harder to measure than megawatts. "
+    "A chess player who studies endgames learns that a single tempo can decide the game: the king must "
+    "walk toward the centre, the rook belongs behind the passed pawn, and patience beats haste. Old "
+    "railway timetables were printed in thick books that listed every station, every connection and the "
+    "minutes a train would wait, so travellers planned long journeys across the country with a pencil. "
 )
 
 pytestmark = [
@@ -94,12 +102,22 @@ def f32_gguf(work, embedded_gguf) -> Path:
 
 
 @pytest.fixture(scope="module")
+def small_f32(work, f32_gguf) -> Path:
+    """A small source for the per-type sweep: the F32 model with layers 2-29 pruned by llama.cpp
+    (IQ4 types take ~80 s each on the full model on 2 busy cores, ~6 s on this one)."""
+    from exporters.gguf.quantize import _block_count, quantize
+    out = work / "small-F32.gguf"
+    quantize(f32_gguf, out, "F32", threads=THREADS, prune_layers=range(2, _block_count(f32_gguf)))
+    return out
+
+
+@pytest.fixture(scope="module")
 def tokens(f32_gguf, dates_rows) -> dict:
     from llama_cpp import Llama
     vocab = Llama(str(f32_gguf), vocab_only=True, verbose=False)
     tok = lambda s: vocab.tokenize(s.encode(), add_bos=False, special=False)  # noqa: E731
-    calib = tok(dates_text(dates_rows[:200]) + "\n" + PROSE_CALIB * 2)
-    heldout = tok(PROSE_HELDOUT + "\n" + dates_text(dates_rows[400:440]))[:448]
+    calib = tok(dates_text(dates_rows[:52]) + "\n" + PROSE_CALIB)  # ~2.1k tokens -> 8 chunks of 256
+    heldout = tok(PROSE_HELDOUT + "\n" + dates_text(dates_rows[400:420]))[:448]  # ~40% prose, the rest unseen dates rows
     return {"calib": calib, "heldout": heldout}
 
 
@@ -107,7 +125,7 @@ def tokens(f32_gguf, dates_rows) -> dict:
 def imatrix_file(work, embedded_gguf, tokens) -> Path:
     from exporters.gguf.imatrix import chunk_tokens, compute_imatrix, save_imatrix
     chunks = chunk_tokens(tokens["calib"], CALIB_CHUNK)
-    assert len(chunks) * CALIB_CHUNK >= 1900, "calibration text shorter than ~2k tokens"
+    assert len(chunks) * CALIB_CHUNK >= 2000, "calibration text shorter than ~2k tokens"
     data = compute_imatrix(embedded_gguf, chunks, family="llama", datasets=["dates.jsonl+prose"])
     return save_imatrix(data, work / "imatrix.gguf")
 
@@ -164,26 +182,27 @@ def test_requantising_needs_consent(tmp_path, embedded_gguf):
 
 
 @pytest.mark.parametrize("name", list(QUANT_TYPES))
-def test_every_type_quantises_and_loads(name, work, f32_gguf, tokens):
+def test_every_type_quantises_and_loads(name, work, small_f32, tokens):
     from llama_cpp import Llama
 
     from exporters.gguf.quantize import gguf_summary, quantize
     q = QUANT_TYPES[name]
-    out = work / f"{name}.gguf"
+    out = work / f"small-{name}.gguf"
     if name == "F32":
-        info = {"size_bytes": f32_gguf.stat().st_size, **gguf_summary(f32_gguf)}
-        out = f32_gguf
+        info, out = gguf_summary(small_f32), small_f32
     else:
-        info = quantize(f32_gguf, out, name, threads=THREADS)
+        info = quantize(small_f32, out, name, threads=THREADS)
         assert info["qtype"] == name and out.is_file() and not info["imatrix"]["used"]
+        assert info["n_params"] == gguf_summary(small_f32)["n_params"]
         assert not [p for p in work.iterdir() if p.name.startswith(f".{out.name}.tmp")]
-    ratio = info["size_bytes"] * 8 / info["n_params"] / q.bits_per_weight
-    hi = TOLERANCES["bpw_ratio_max"].get(name, TOLERANCES["bpw_ratio_max"]["default"])
-    assert TOLERANCES["bpw_ratio_min"] <= ratio <= hi, (name, ratio, info.get("tensor_types"))
-    llm = Llama(str(out), n_ctx=64, n_threads=THREADS, verbose=False)
+    ratio = info["layer_bits_per_weight"] / q.bits_per_weight
+    hi = TOLERANCES["layer_bpw_ratio_max"].get(name, TOLERANCES["layer_bpw_ratio_max"]["default"])
+    assert TOLERANCES["layer_bpw_ratio_min"] <= ratio <= hi, (name, ratio, info["tensor_types"])
     ids = tokens["heldout"][:16]
+    llm = Llama(str(out), n_ctx=64, logits_all=True, n_threads=THREADS, verbose=False)
     llm.eval(ids)
-    assert np.all(np.isfinite(np.asarray(llm.scores[: len(ids)])))
+    z = np.asarray(llm.scores[: len(ids)])
+    assert np.all(np.isfinite(z)) and np.all(z.std(axis=1) > 0), name
 
 
 # --- the importance matrix -----------------------------------------------------------------------
@@ -198,7 +217,7 @@ def test_imatrix_names_and_shapes_match_the_gguf(imatrix_file, f32_gguf):
     blk = {n for n in cols if n.startswith("blk.")}
     assert set(data) == blk, (sorted(set(data) - blk)[:5], sorted(blk - set(data))[:5])
     for name, (sum2, count) in data.items():
-        assert sum2.shape == (cols[name],) and count >= 1900 and np.all(sum2 >= 0), name
+        assert sum2.shape == (cols[name],) and count >= 2000 and np.all(sum2 >= 0), name
     assert data.meta["datasets"] == ["dates.jsonl+prose"] and data.meta["chunk_size"] == CALIB_CHUNK
 
 
@@ -213,7 +232,24 @@ def test_imatrix_file_roundtrip_and_legacy_format(tmp_path, imatrix_file):
         np.testing.assert_allclose(b[k], a[k], rtol=TOLERANCES["imatrix_roundtrip_rtol"])
 
 
-@pytest.mark.parametrize("name", ["Q4_K_M", "IQ4_XS"])
+def test_imatrix_from_file_or_memory_gives_the_same_tensors(work, f32_gguf, imatrix_file):
+    """The file round trip hands llama.cpp the same numbers as the in-memory mapping (Q4_0: fast,
+    and its codec weighs rounding errors by the imatrix)."""
+    from gguf import GGUFReader
+
+    from exporters.gguf.imatrix import load_imatrix
+    from exporters.gguf.quantize import quantize
+    from_file, in_memory, plain = work / "Q4_0-imf.gguf", work / "Q4_0-imm.gguf", work / "Q4_0-plain.gguf"
+    quantize(f32_gguf, from_file, "Q4_0", imatrix_path=imatrix_file, threads=THREADS)
+    quantize(f32_gguf, in_memory, "Q4_0", imatrix=load_imatrix(imatrix_file), threads=THREADS)
+    quantize(f32_gguf, plain, "Q4_0", threads=THREADS)
+    a, b, c = (GGUFReader(p).tensors for p in (from_file, in_memory, plain))
+    assert [t.name for t in a] == [t.name for t in b]
+    assert all(x.data.tobytes() == y.data.tobytes() for x, y in zip(a, b))
+    assert any(x.data.tobytes() != z.data.tobytes() for x, z in zip(a, c))
+
+
+@pytest.mark.parametrize("name", ["Q4_K_M", pytest.param("IQ4_XS", marks=pytest.mark.slow)])
 def test_imatrix_changes_output_and_does_not_hurt_kl(name, work, f32_gguf, imatrix_file, tokens):
     from gguf import GGUFReader
 
@@ -229,12 +265,6 @@ def test_imatrix_changes_output_and_does_not_hurt_kl(name, work, f32_gguf, imatr
     field = GGUFReader(with_im).get_field("quantize.imatrix.entries_count")
     assert field is not None and int(field.contents()) == info["imatrix"]["entries"]
 
-    # the in-memory mapping and the file give llama.cpp the same numbers, hence the same bytes
-    in_memory = work / f"{name}-imatrix-mem.gguf"
-    quantize(f32_gguf, in_memory, name, imatrix=load_imatrix(imatrix_file), threads=THREADS)
-    mem_tensors, file_tensors = GGUFReader(in_memory).tensors, GGUFReader(with_im).tensors
-    assert [t.name for t in mem_tensors] == [t.name for t in file_tensors]
-    assert all(a.data.tobytes() == b.data.tobytes() for a, b in zip(mem_tensors, file_tensors))
 
     ref = logprobs(f32_gguf, tokens["heldout"])
     kl_plain, top1_plain = kl_and_top1(ref, logprobs(plain, tokens["heldout"]))
@@ -242,5 +272,6 @@ def test_imatrix_changes_output_and_does_not_hurt_kl(name, work, f32_gguf, imatr
     figures = {"type": name, "kl_plain": kl_plain, "kl_imatrix": kl_im, "top1_plain": top1_plain,
                "top1_imatrix": top1_im, "bytes_plain": plain.stat().st_size, "bytes_imatrix": with_im.stat().st_size}
     (work / f"kl-{name}.json").write_text(json.dumps(figures, indent=1))
+    assert info["bits_per_weight"] <= TOLERANCES["file_bpw_max"][name], info
     assert 0 < kl_plain < TOLERANCES["kl_max"][name], figures
     assert kl_im <= kl_plain * TOLERANCES["kl_imatrix_max_ratio"], figures

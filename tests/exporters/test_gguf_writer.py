@@ -63,7 +63,7 @@ MESSAGES = [
 ]
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, max_position_embeddings=256)
-CORPUS = [s for s in STRINGS[:10]] + [
+CORPUS = STRINGS[:10] + [
     "the model is small and the data is plain text about dates, numbers and words",
     "It was the best of times, it was the worst of times, it was the age of wisdom",
     "for i in range(10): print(i * 2)", "return value; else if (x) { y = 2; }",
@@ -540,8 +540,8 @@ EMBEDDED_TEXT = ("The lighthouse keeper climbed the spiral stairs every evening 
                  "the fishing boats returning to the harbour, their lamps swaying with the waves, while gulls "
                  "circled above the cliffs and the wind carried the smell of salt and seaweed across the town.")
 EMBEDDED_TOLERANCES = {
-    # 30 layers, logits O(10-20), F32 weights and F32 KV cache: summation order only.
-    "f32_logits_atol": 5e-3,
+    # 30 layers, logits O(10-20), F32 weights and F32 KV cache: summation order only; measured 5.9e-5.
+    "f32_logits_atol": 1e-3,
     # F16 weights and llama.cpp's default F16 KV cache; measured 0.087 max |diff|, top-1 1.0.
     "f16_top1_agreement": 0.98,
 }
