@@ -246,6 +246,32 @@ def _bench_section(bench: list[dict], targets: list[dict], have_plot: bool) -> t
     return ("Benchmark", blocks)
 
 
+def _imatrix_pairs(bench: list[dict], targets: list[dict]) -> list[tuple[dict, dict]]:
+    """(without, with) bench rows of targets of one format and precision differing only in imatrix."""
+    flags = {t.get("name"): bool(t.get("imatrix")) for t in targets}
+    by_key: dict[tuple, dict[bool, dict]] = {}
+    for r in bench:
+        if r.get("target") in flags and isinstance(r.get("quality"), dict):
+            key = (r.get("format"), r.get("precision"), r.get("runtime"))
+            by_key.setdefault(key, {})[flags[r["target"]]] = r
+    return [(v[False], v[True]) for v in by_key.values() if False in v and True in v]
+
+
+def _imatrix_section(pairs: list[tuple[dict, dict]]) -> tuple:
+    rows = []
+    for without, with_ in pairs:
+        q0, q1 = without["quality"], with_["quality"]
+        rows.append([fmt_value(without.get("precision")), f"{fmt(q0.get('kl_mean'), '.3g')} → {fmt(q1.get('kl_mean'), '.3g')}",
+                     f"{fmt_pct(q0.get('top1_agreement'))} → {fmt_pct(q1.get('top1_agreement'))}",
+                     f"{fmt(q0.get('ppl_delta'), '+.2f')} → {fmt(q1.get('ppl_delta'), '+.2f')}",
+                     f"{fmt_pct(q0.get('greedy_prefix'))} → {fmt_pct(q1.get('greedy_prefix'))}"])
+    note = ("Same quantisation type without → with an importance matrix computed on the calibration sample "
+            "(llama-imatrix's statistic: per input column, the mean square activation). Lower KL and ΔPPL, "
+            "higher top-1 and greedy prefix are better.")
+    return ("What the importance matrix buys", [("table", ["Type", "KL mean", "Top-1", "ΔPPL", "Greedy prefix"],
+                                                 rows, "lllll"), ("p", note)])
+
+
 def _settings_section(bench: list[dict]) -> tuple:
     rows = []
     for r in bench:
@@ -291,8 +317,11 @@ def build_sections(data: dict, have: set[str]) -> tuple[str, list[tuple]]:
     if targets:
         sections.append(_targets_section(targets))
     if bench:
-        sections += [_bench_section(bench, targets, "latency" in have),
-                     _warnings_section(bench), _settings_section(bench)]
+        sections.append(_bench_section(bench, targets, "latency" in have))
+        pairs = _imatrix_pairs(bench, targets)
+        if pairs:
+            sections.append(_imatrix_section(pairs))
+        sections += [_warnings_section(bench), _settings_section(bench)]
     if _dicts(data.get("stages")):
         sections.append(_stages_section(_dicts(data["stages"])))
     return title, sections

@@ -31,7 +31,8 @@ def collect(ctx, inputs: dict[str, Artifact]) -> dict:
             f = art.figures
             size = sum(e["size"] for e in art.manifest.get("files", [])) / 2**20
             targets.append({"name": f.get("target", sid[7:]), "format": f.get("format"),
-                            "precision": f.get("precision"), "size_mb": size, "export_s": f.get("export_s")})
+                            "precision": f.get("precision"), "size_mb": size, "export_s": f.get("export_s"),
+                            "imatrix": f.get("imatrix")})
         elif sid.startswith("bench-"):
             row = dict(art.figures)
             row.pop("greedy_outputs", None)

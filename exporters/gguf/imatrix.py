@@ -101,13 +101,16 @@ def _load_model(model_dir):
     import torch
     if isinstance(model_dir, torch.nn.Module):
         return model_dir
-    from toolchain.models import load_model_and_tokenizer, resolve_source
+    from transformers import AutoModelForCausalLM
+
+    from toolchain.models import resolve_source
     src = resolve_source(str(model_dir))
     if src.kind == "hf_dir":
-        from transformers import AutoModelForCausalLM
         return AutoModelForCausalLM.from_pretrained(src.path, dtype=torch.float32).eval()
-    model, _tok = load_model_and_tokenizer(src)
-    return model
+    if src.kind in ("gguf", "embedded"):  # dequantised to float by transformers; no tokenizer needed here
+        return AutoModelForCausalLM.from_pretrained(str(src.path.parent), gguf_file=src.path.name,
+                                                    dtype=torch.float32).eval()
+    raise ModelSourceError(f"importance matrix: {model_dir!r} is not a local model directory or GGUF file")
 
 
 def compute_imatrix(model_dir, token_batches: list[list[int]], family: str = "llama", *,
