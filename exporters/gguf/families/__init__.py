@@ -220,6 +220,25 @@ def plan_tensors(family: ModuleType, hp: Hparams, ckpt: Checkpoint) -> tuple[lis
     return entries, {n: r for n, r in skipped.items() if n in names}
 
 
+HF_EMBED, HF_FINAL_NORM, HF_LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
+
+
+def decoder_entries(hp: Hparams, layer_table: list[tuple], prefix: str = "model") -> list[Entry]:
+    """The usual decoder: token embedding, every layer of ``layer_table``, final norm, and the
+    output head unless tied (llama.cpp reuses ``token_embd`` when ``output`` is absent)."""
+    v, h = hp.vocab_size, hp.hidden_size
+    entries = [Entry(gguf_name(gguf.MODEL_TENSOR.TOKEN_EMBD), HF_EMBED, (v, h))]
+    entries += layer_entries(hp, prefix, layer_table)
+    entries.append(Entry(gguf_name(gguf.MODEL_TENSOR.OUTPUT_NORM), HF_FINAL_NORM, (h,)))
+    if not hp.tie_word_embeddings:
+        entries.append(Entry(gguf_name(gguf.MODEL_TENSOR.OUTPUT), HF_LM_HEAD, (v, h)))
+    return entries
+
+
+def skipped_tied_head(hp: Hparams, names: set[str]) -> dict[str, str]:
+    return {HF_LM_HEAD: "tied to the token embedding"} if hp.tie_word_embeddings else {}
+
+
 def check_gguf_names(arch: gguf.MODEL_ARCH, names: list[str]) -> None:
     """Every name must be one llama.cpp knows for ``arch``, and none may repeat (a mapping bug)."""
     known = {gguf.TENSOR_NAMES[t] for t in gguf.MODEL_TENSORS[arch]}

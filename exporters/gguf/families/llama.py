@@ -12,14 +12,13 @@ from functools import partial
 import gguf
 
 from ..tables import ROPE_DEFAULT, ROPE_LINEAR, ROPE_LLAMA3
-from . import (Entry, Hparams, gguf_name, layer_entries, llama3_rope_factors, positive_int, read_common, refuse,
-               rope_interleave, write_common_hparams)
+from . import (Entry, Hparams, decoder_entries, gguf_name, llama3_rope_factors, positive_int, read_common, refuse,
+               rope_interleave, skipped_tied_head, write_common_hparams)
 
 MODEL_TYPES = ("llama", "mistral")
 ARCH = gguf.MODEL_ARCH.LLAMA
 T = gguf.MODEL_TENSOR
 ROPE_TYPES = (ROPE_DEFAULT, ROPE_LINEAR, ROPE_LLAMA3)
-EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 
 
 def read_hparams(config: dict) -> Hparams:
@@ -77,17 +76,10 @@ def _layer_table(hp: Hparams) -> list[tuple]:
 
 
 def tensor_entries(hp: Hparams, names: set[str]) -> list[Entry]:
-    v, h = hp.vocab_size, hp.hidden_size
-    entries = [Entry(gguf_name(T.TOKEN_EMBD), EMBED, (v, h))]
-    entries += layer_entries(hp, "model", _layer_table(hp))
-    entries.append(Entry(gguf_name(T.OUTPUT_NORM), FINAL_NORM, (h,)))
-    if not hp.tie_word_embeddings:  # tied: llama.cpp reuses token_embd when `output` is absent
-        entries.append(Entry(gguf_name(T.OUTPUT), LM_HEAD, (v, h)))
-    return entries
+    return decoder_entries(hp, _layer_table(hp))
 
 
-def skipped(hp: Hparams, names: set[str]) -> dict[str, str]:
-    return {LM_HEAD: "tied to the token embedding"} if hp.tie_word_embeddings else {}
+skipped = skipped_tied_head
 
 
 def write_hparams(writer: gguf.GGUFWriter, hp: Hparams) -> None:

@@ -14,15 +14,14 @@ import gguf
 import numpy as np
 
 from ..tables import ROPE_DEFAULT
-from . import (Entry, Hparams, gguf_name, layer_entries, positive_int, read_common, refuse, require_head_dim_product,
-               write_common_hparams)
+from . import (Entry, Hparams, decoder_entries, gguf_name, positive_int, read_common, refuse, require_head_dim_product,
+               skipped_tied_head, write_common_hparams)
 
 MODEL_TYPES = ("phi3",)
 ARCH = gguf.MODEL_ARCH.PHI3
 T = gguf.MODEL_TENSOR
 ROPE_LONGROPE = "longrope"
 ROPE_TYPES = (ROPE_DEFAULT, ROPE_LONGROPE)
-EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 
 
 def read_hparams(config: dict) -> Hparams:
@@ -67,7 +66,7 @@ def read_hparams(config: dict) -> Hparams:
 
 
 def tensor_entries(hp: Hparams, names: set[str]) -> list[Entry]:
-    v, h, f = hp.vocab_size, hp.hidden_size, hp.intermediate_size
+    h, f = hp.hidden_size, hp.intermediate_size
     qkv_out = h + 2 * hp.num_kv_heads * hp.head_dim
     table = [
         ("input_layernorm.weight", T.ATTN_NORM, "weight", (h,), None),
@@ -77,16 +76,10 @@ def tensor_entries(hp: Hparams, names: set[str]) -> list[Entry]:
         ("mlp.gate_up_proj.weight", T.FFN_UP, "weight", (2 * f, h), None),
         ("mlp.down_proj.weight", T.FFN_DOWN, "weight", (h, f), None),
     ]
-    entries = [Entry(gguf_name(T.TOKEN_EMBD), EMBED, (v, h))]
-    entries += layer_entries(hp, "model", table)
-    entries.append(Entry(gguf_name(T.OUTPUT_NORM), FINAL_NORM, (h,)))
-    if not hp.tie_word_embeddings:
-        entries.append(Entry(gguf_name(T.OUTPUT), LM_HEAD, (v, h)))
-    return entries
+    return decoder_entries(hp, table)
 
 
-def skipped(hp: Hparams, names: set[str]) -> dict[str, str]:
-    return {LM_HEAD: "tied to the token embedding"} if hp.tie_word_embeddings else {}
+skipped = skipped_tied_head
 
 
 def write_hparams(writer: gguf.GGUFWriter, hp: Hparams) -> None:

@@ -8,14 +8,13 @@ from __future__ import annotations
 import gguf
 
 from ..tables import ROPE_DEFAULT, ROPE_LINEAR
-from . import (Entry, Hparams, gguf_name, layer_entries, read_common, refuse, require_head_dim_product,
+from . import (Entry, Hparams, decoder_entries, read_common, refuse, require_head_dim_product, skipped_tied_head,
                write_common_hparams)
 
 MODEL_TYPES = ("qwen2",)
 ARCH = gguf.MODEL_ARCH.QWEN2
 T = gguf.MODEL_TENSOR
 ROPE_TYPES = (ROPE_DEFAULT, ROPE_LINEAR)
-EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 
 
 def read_hparams(config: dict) -> Hparams:
@@ -33,7 +32,7 @@ def read_hparams(config: dict) -> Hparams:
 
 
 def tensor_entries(hp: Hparams, names: set[str]) -> list[Entry]:
-    v, h, f = hp.vocab_size, hp.hidden_size, hp.intermediate_size
+    h, f = hp.hidden_size, hp.intermediate_size
     kv_out = hp.num_kv_heads * hp.head_dim
     table = [
         ("input_layernorm.weight", T.ATTN_NORM, "weight", (h,), None),
@@ -49,16 +48,10 @@ def tensor_entries(hp: Hparams, names: set[str]) -> list[Entry]:
         ("mlp.up_proj.weight", T.FFN_UP, "weight", (f, h), None),
         ("mlp.down_proj.weight", T.FFN_DOWN, "weight", (h, f), None),
     ]
-    entries = [Entry(gguf_name(T.TOKEN_EMBD), EMBED, (v, h))]
-    entries += layer_entries(hp, "model", table)
-    entries.append(Entry(gguf_name(T.OUTPUT_NORM), FINAL_NORM, (h,)))
-    if not hp.tie_word_embeddings:
-        entries.append(Entry(gguf_name(T.OUTPUT), LM_HEAD, (v, h)))
-    return entries
+    return decoder_entries(hp, table)
 
 
-def skipped(hp: Hparams, names: set[str]) -> dict[str, str]:
-    return {LM_HEAD: "tied to the token embedding"} if hp.tie_word_embeddings else {}
+skipped = skipped_tied_head
 
 
 def write_hparams(writer: gguf.GGUFWriter, hp: Hparams) -> None:
