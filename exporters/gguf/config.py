@@ -19,8 +19,9 @@ class GgufExportConfig:
     def __post_init__(self):
         if self.quant not in QUANT_TYPES:
             raise ValueError(f"`quant` must be one of {', '.join(QUANT_TYPES)}, got {self.quant!r}")
-        if self.imatrix and self.quant in BASE_TYPES:
-            raise ValueError(f"`imatrix` applies to quantised types, not {self.quant}; remove it or pick e.g. Q4_K_M")
+        if self.imatrix and not QUANT_TYPES[self.quant].uses_imatrix:
+            raise ValueError(f"`imatrix` has no effect on {self.quant} (llama.cpp's codec ignores it); remove it or "
+                             "pick a type that uses one, e.g. Q4_K_M or IQ4_XS")
         if not isinstance(self.threads, int) or self.threads < 1:
             raise ValueError(f"`threads` must be a positive integer, got {self.threads!r}")
 

@@ -126,7 +126,7 @@ def compute_imatrix(model_dir, token_batches: list[list[int]], family: str = "ll
     model = _load_model(model_dir)
     model_type = getattr(getattr(model, "config", None), "model_type", family)
     fam = FAMILIES.get(model_type, family) if family == "auto" else family
-    table = layer_tensors(fam)
+    layer_tensors(fam)  # refuses an unknown family before any work
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     batches = [list(map(int, b)) for b in token_batches if len(b) >= MIN_ROWS]
     if not batches:

@@ -131,6 +131,21 @@ def imatrix_means(imatrix) -> dict[str, np.ndarray]:
     return out
 
 
+def _check_imatrix_fits(means: dict[str, np.ndarray], src: Path) -> list[str]:
+    """Refuse an imatrix made for another model (llama.cpp would silently skip unknown names);
+    return the layer weights it has no entry for (those are quantised without one)."""
+    cols = {name: dims[0] for name, dims, _t, _o in read_gguf_header(src)[1] if len(dims) >= 2}
+    unknown = sorted(set(means) - set(cols))
+    wrong = sorted(n for n in means if n in cols and means[n].size != cols[n])
+    if unknown or wrong:
+        raise PreflightError(
+            f"the importance matrix does not fit {src.name}: {len(unknown)} name(s) not in the model "
+            f"{unknown[:3]}, {len(wrong)} with a wrong column count "
+            f"{[(n, means[n].size, cols[n]) for n in wrong[:3]]} (fix: compute it on this model, with the "
+            "family that matches its architecture)")
+    return sorted(n for n in cols if n.startswith("blk.") and n not in means)
+
+
 def _imatrix_array(lc, means: dict[str, np.ndarray]):
     """A NULL-terminated ctypes array of llama_model_imatrix_data over ``means``' buffers
     (the caller must keep ``means`` and the returned names alive during the call)."""
@@ -244,6 +259,7 @@ def quantize(src_gguf, dst_gguf, qtype: str | QuantType, imatrix_path=None, thre
         if not imatrix:
             raise StageError("the importance matrix is empty (fix: recompute it on calibration text)")
     means = imatrix_means(imatrix) if imatrix is not None and q.uses_imatrix else None
+    missing = _check_imatrix_fits(means, src) if means else []
 
     params = lc.llama_model_quantize_default_params()
     params.ftype = q.ftype
@@ -299,7 +315,7 @@ def quantize(src_gguf, dst_gguf, qtype: str | QuantType, imatrix_path=None, thre
         "nominal_bits_per_weight": q.bits_per_weight,
         "n_params": summary["n_params"], "tensor_types": summary["tensor_types"],
         "layer_bits_per_weight": summary["layer_bits_per_weight"], "pruned_layers": sorted(prune_layers or []),
-        "imatrix": {"used": bool(means), "entries": len(means or {}),
+        "imatrix": {"used": bool(means), "entries": len(means or {}), "weights_without_entry": missing,
                     "file": str(imatrix_path) if imatrix_path else None,
                     "ignored_by_type": imatrix is not None and not q.uses_imatrix, **meta},
         "seconds": round(seconds, 3),

@@ -9,6 +9,7 @@ divergence against the F32 model on held-out text.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import importlib.util
 import json
@@ -40,6 +41,10 @@ TOLERANCES = {
     "kl_max": {"Q4_K_M": 0.2, "IQ4_XS": 0.2},
     # float32 rounding between the computed imatrix and the one read back from its file.
     "imatrix_roundtrip_rtol": 1e-6,
+    # torch's Linear inputs vs llama.cpp's own MUL_MAT inputs (fp32 both, different kernels and
+    # summation order through 30 layers): max |difference| / the entry's largest mean x^2.
+    # Measured 7e-4 worst (attn_output), median 4e-5.
+    "imatrix_vs_llama_cpp_rel": 5e-3,
 }
 THREADS = 2
 CALIB_CHUNK = 256
@@ -117,16 +122,24 @@ def tokens(f32_gguf, dates_rows) -> dict:
     vocab = Llama(str(f32_gguf), vocab_only=True, verbose=False)
     tok = lambda s: vocab.tokenize(s.encode(), add_bos=False, special=False)  # noqa: E731
     calib = tok(dates_text(dates_rows[:52]) + "\n" + PROSE_CALIB)  # ~2.1k tokens -> 8 chunks of 256
-    heldout = tok(PROSE_HELDOUT + "\n" + dates_text(dates_rows[400:420]))[:448]  # ~40% prose, the rest unseen dates rows
+    # held out: ~40% prose, the rest dates rows the calibration never saw
+    heldout = tok(PROSE_HELDOUT + "\n" + dates_text(dates_rows[400:420]))[:448]
     return {"calib": calib, "heldout": heldout}
 
 
 @pytest.fixture(scope="module")
-def imatrix_file(work, embedded_gguf, tokens) -> Path:
+def hf_model(embedded_gguf):
+    """The same weights in transformers (dequantised from the Q4_1 GGUF), loaded once."""
+    from exporters.gguf.imatrix import _load_model
+    return _load_model(embedded_gguf)
+
+
+@pytest.fixture(scope="module")
+def imatrix_file(work, hf_model, tokens) -> Path:
     from exporters.gguf.imatrix import chunk_tokens, compute_imatrix, save_imatrix
     chunks = chunk_tokens(tokens["calib"], CALIB_CHUNK)
     assert len(chunks) * CALIB_CHUNK >= 2000, "calibration text shorter than ~2k tokens"
-    data = compute_imatrix(embedded_gguf, chunks, family="llama", datasets=["dates.jsonl+prose"])
+    data = compute_imatrix(hf_model, chunks, family="llama", datasets=["dates.jsonl+prose"])
     return save_imatrix(data, work / "imatrix.gguf")
 
 
@@ -242,6 +255,21 @@ def test_imatrix_file_roundtrip_and_legacy_format(tmp_path, imatrix_file):
         np.testing.assert_allclose(b[k], a[k], rtol=TOLERANCES["imatrix_roundtrip_rtol"])
 
 
+def test_imatrix_for_another_model_is_refused(tmp_path, small_f32, imatrix_file):
+    from exporters.gguf.imatrix import ImatrixData, load_imatrix
+    from exporters.gguf.quantize import quantize
+    data = load_imatrix(imatrix_file)
+    small = ImatrixData({k: v for k, v in data.items() if k.startswith(("blk.0.", "blk.1."))}, meta=data.meta)
+    info = quantize(small_f32, tmp_path / "ok.gguf", "Q4_0", imatrix=small, threads=THREADS)
+    assert info["imatrix"]["used"] and info["imatrix"]["weights_without_entry"] == []
+    with pytest.raises(PreflightError, match="not in the model"):  # 30-layer imatrix, 2-layer model
+        quantize(small_f32, tmp_path / "x.gguf", "Q4_0", imatrix=data, threads=THREADS)
+    wrong = ImatrixData({**small, "blk.0.attn_q.weight": (np.ones(100), 5)})
+    with pytest.raises(PreflightError, match="wrong column count"):
+        quantize(small_f32, tmp_path / "x.gguf", "Q4_0", imatrix=wrong, threads=THREADS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.gguf"]
+
+
 def test_imatrix_from_file_or_memory_gives_the_same_tensors(work, f32_gguf, imatrix_file):
     """The file round trip hands llama.cpp the same numbers as the in-memory mapping (Q4_0: fast,
     and its codec weighs rounding errors by the imatrix)."""
@@ -257,6 +285,99 @@ def test_imatrix_from_file_or_memory_gives_the_same_tensors(work, f32_gguf, imat
     assert data_section(from_file) != data_section(plain)
 
 
+class _GgmlTensor(ctypes.Structure):
+    """``struct ggml_tensor`` of ggml.h as vendored by llama-cpp-python 0.3.36 (GGML_MAX_DIMS 4,
+    GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10, GGML_MAX_NAME 64), read inside an eval callback."""
+
+
+_GgmlTensor._fields_ = [
+    ("type", ctypes.c_int), ("buffer", ctypes.c_void_p), ("ne", ctypes.c_int64 * 4), ("nb", ctypes.c_size_t * 4),
+    ("op", ctypes.c_int), ("op_params", ctypes.c_int32 * 16), ("flags", ctypes.c_int32),
+    ("src", ctypes.POINTER(_GgmlTensor) * 10), ("view_src", ctypes.c_void_p), ("view_offs", ctypes.c_size_t),
+    ("data", ctypes.c_void_p), ("name", ctypes.c_char * 64), ("extra", ctypes.c_void_p), ("padding", ctypes.c_char * 8)]
+
+
+def llama_cpp_imatrix(gguf_path: Path, ids: list[int]) -> dict:
+    """What llama-imatrix collects, gathered from llama.cpp's own graph: for each MUL_MAT whose
+    weight is a blk.* tensor and whose input has >= 16 F32 rows, sum x^2 per column and count rows.
+    Every token requests logits, as llama-imatrix does (else the last layer skips rows)."""
+    import os
+
+    import llama_cpp
+    from llama_cpp import Llama
+    ggml = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+    ggml.ggml_op_name.restype, ggml.ggml_op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
+    stats: dict = {}
+
+    def collect(tp, ask, _user):
+        t = ctypes.cast(tp, ctypes.POINTER(_GgmlTensor)).contents
+        if ggml.ggml_op_name(t.op) != b"MUL_MAT":
+            return False
+        w, x = t.src[0].contents, t.src[1].contents
+        name = w.name.decode()
+        if ask:
+            return x.ne[1] >= 16 and x.type == 0 and name.startswith("blk.")
+        cols, rows = x.ne[0], x.ne[1]
+        buf = (ctypes.c_char * (x.nb[1] * (rows - 1) + 4 * cols)).from_address(x.data)
+        a = np.ndarray((rows, cols), dtype=np.float32, buffer=buf, strides=(x.nb[1], 4)).astype(np.float64)
+        s, c = stats.get(name, (0.0, 0))
+        stats[name] = (s + (a * a).sum(0), c + rows)
+        return True
+
+    llm = Llama(str(gguf_path), vocab_only=False, n_ctx=len(ids) + 16, n_threads=THREADS, verbose=False)
+    cb = llama_cpp.ggml_backend_sched_eval_callback(collect)
+    cp = llama_cpp.llama_context_default_params()
+    cp.n_ctx = cp.n_batch = cp.n_ubatch = len(ids) + 16
+    cp.n_threads = cp.n_threads_batch = THREADS
+    cp.cb_eval = cb
+    ctx = llama_cpp.llama_init_from_model(llm.model, cp)
+    batch = llama_cpp.llama_batch_init(len(ids), 0, 1)
+    try:
+        for i, tok in enumerate(ids):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = tok, i, 1, 1
+            batch.seq_id[i][0] = 0
+        batch.n_tokens = len(ids)
+        assert llama_cpp.llama_decode(ctx, batch) == 0
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        llama_cpp.llama_free(ctx)
+    return stats
+
+
+def test_imatrix_matches_llama_cpp_activations(f32_gguf, hf_model, tokens):
+    """The torch hooks see the same inputs, under the same names, as llama.cpp's matrix products."""
+    from exporters.gguf.imatrix import compute_imatrix
+    ids = tokens["calib"][:128]
+    ours = compute_imatrix(hf_model, [ids])
+    theirs = llama_cpp_imatrix(f32_gguf, ids)
+    assert set(ours) == set(theirs), (sorted(set(ours) ^ set(theirs))[:6])
+    worst = 0.0
+    for name, (sum2, count) in ours.items():
+        ref_sum2, ref_count = theirs[name]
+        assert count == ref_count == len(ids), name
+        a, b = sum2 / count, ref_sum2 / ref_count
+        worst = max(worst, float(np.abs(a - b).max() / b.max()))
+    assert worst <= TOLERANCES["imatrix_vs_llama_cpp_rel"], worst
+
+
+def test_imatrix_family_table_and_hf_dir(tiny_model_dir):
+    from exporters.gguf.imatrix import compute_imatrix, gguf_name
+    from toolchain.errors import StageError
+    data = compute_imatrix(tiny_model_dir, [list(range(3, 23)), list(range(5, 9))])
+    roles = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+    assert set(data) == {f"blk.{i}.{r}.weight" for i in range(2) for r in roles}
+    assert {c for _, c in data.values()} == {20}  # the 4-token sequence is below llama-imatrix's 16 rows
+    assert gguf_name("model.layers.3.self_attn.qkv_proj", "phi3") == "blk.3.attn_qkv.weight"
+    assert gguf_name("model.layers.3.mlp.gate_up_proj", "phi3") == "blk.3.ffn_up.weight"
+    assert gguf_name("lm_head", "qwen2") is None and gguf_name("lm_head", "llama", True) == "output.weight"
+    with pytest.raises(PreflightError, match="no GGUF name"):
+        compute_imatrix(tiny_model_dir, [list(range(3, 23))], family="phi3")
+    with pytest.raises(PreflightError, match="family must be one of"):
+        compute_imatrix(tiny_model_dir, [list(range(3, 23))], family="gpt2")
+    with pytest.raises(StageError, match="16 or more tokens"):
+        compute_imatrix(tiny_model_dir, [[1, 2, 3]])
+
+
 @pytest.mark.parametrize("name", ["Q4_K_M", pytest.param("IQ4_XS", marks=pytest.mark.slow)])
 def test_imatrix_changes_output_and_does_not_hurt_kl(name, work, f32_gguf, imatrix_file, tokens, ref_logprobs):
     from exporters.gguf.imatrix import load_imatrix
@@ -266,6 +387,7 @@ def test_imatrix_changes_output_and_does_not_hurt_kl(name, work, f32_gguf, imatr
     with_im = work / f"{name}-imatrix.gguf"
     info = quantize(f32_gguf, with_im, name, imatrix_path=imatrix_file, threads=THREADS)
     assert info["imatrix"]["used"] and info["imatrix"]["entries"] == len(load_imatrix(imatrix_file))
+    assert info["imatrix"]["weights_without_entry"] == []
     assert sha256(with_im) != sha256(plain)
     assert read_gguf_header(with_im)[0].get("quantize.imatrix.entries_count") == info["imatrix"]["entries"]
 
