@@ -14,7 +14,7 @@ from pathlib import Path
 
 from toolchain.artifacts import Artifact, ArtifactStore, stage_key, write_json_atomic
 from toolchain.errors import EdgesmithError, StageError
-from toolchain.stages import Context, Stage, plan
+from toolchain.stages import Context, Stage, plan, preflight_targets
 
 
 @dataclass
@@ -92,6 +92,8 @@ class Runner:
                 self.ctx.log(f"[{n}/{total}] {s.id}: cached ({art.path.name})")
                 arts[s.id] = art
                 steps.append(Step(s, key, "cached"))
+                if s.kind == "model":
+                    preflight_targets(self.ctx.recipe, art.path)
                 continue
             self.ctx.log(f"[{n}/{total}] {s.id}: {s.summary} ...")
             partial = self.store.partial_path(s.id, key)
@@ -114,6 +116,8 @@ class Runner:
                                     figures or {}, wall)
             arts[s.id] = art
             steps.append(Step(s, key, "run", wall_s=wall))
+            if s.kind == "model":
+                preflight_targets(self.ctx.recipe, art.path)
             self.ctx.log(f"[{n}/{total}] {s.id}: done in {wall:.1f}s -> {art.path}")
         self._write_index(steps, time.perf_counter() - t_run)
         return steps

@@ -141,6 +141,18 @@ def export_extras(entry, inputs: dict[str, Artifact]) -> dict:
     return extras
 
 
+def preflight_targets(recipe: Recipe, model_dir: Path) -> None:
+    """Every target's preflight on the base model, right after it is loaded and before training:
+    an unsupported architecture or setting is reported in seconds, not after the fine-tune."""
+    from toolchain.registry import EXPORTERS
+
+    for t in recipe.targets:
+        entry = EXPORTERS.get(t.format)
+        module = __import__(entry.target.split(":")[0], fromlist=["preflight"])
+        if hasattr(module, "preflight"):
+            module.preflight(model_dir, t.options)
+
+
 def make_export(target) -> Callable:
     def run_export(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:
         from toolchain.registry import EXPORTERS

@@ -84,3 +84,25 @@ def test_dry_run_prints_plan_and_runs_nothing(tmp_path, tiny_model_dir, capsys):
     out = capsys.readouterr().out
     assert "train" in out and "RUN" in out and "export-onnx-fp32" in out
     assert not (tmp_path / "runs" / "tiny").exists()
+
+
+def test_target_preflight_fails_before_training(tmp_path, tiny_model_dir, capsys):
+    # a GPT-2 model is not an architecture the GGUF exporter supports: the run must stop right
+    # after the model loads with the exporter's message, before minutes of training
+    pytest.importorskip("gguf")
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    gpt2_dir = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=len(tok), n_positions=128)).save_pretrained(gpt2_dir)
+    tok.save_pretrained(gpt2_dir)
+    recipe = write_recipe(tmp_path, gpt2_dir)
+    doc = yaml.safe_load(recipe.read_text())
+    doc["targets"] = [{"name": "gguf-f16", "format": "gguf", "options": {"quant": "F16"}}]
+    recipe.write_text(yaml.safe_dump(doc))
+
+    assert main(["run", str(recipe), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "'gpt2'" in err and "GGUF exporter supports" in err
+    run_dir = tmp_path / "runs" / "tiny"
+    assert (run_dir / "model").exists() and not (run_dir / "train").exists()
