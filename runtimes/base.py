@@ -139,7 +139,7 @@ class Runtime(ABC):
             if settings.gen_tokens > 1:
                 decode_tps.append((settings.gen_tokens - 1) / t_decode)
         warnings = [w for w in [load_warning(before, self.threads)] if w]
-        after = machine_state()
+        after = machine_state(sample_s=0)
         return BenchResult(
             runtime=self.name, target=target, settings=settings, load_s=load_s,
             ttft_ms=Stat.of(ttft), prefill_tps=Stat.of(prefill_tps), decode_tps=Stat.of(decode_tps),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import os
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 
 
@@ -104,20 +105,44 @@ class BenchResult:
         }
 
 
-def machine_state() -> dict:
-    """Load and CPU facts recorded beside every measurement (llama.cpp collapses under load)."""
+def _cpu_times() -> tuple[int, int] | None:
+    """(busy, total) jiffies over all CPUs from /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            parts = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = parts[3] + (parts[4] if len(parts) > 4 else 0)
+    return sum(parts) - idle, sum(parts)
+
+
+def machine_state(sample_s: float = 0.5) -> dict:
+    """Load and CPU facts recorded beside every measurement (llama.cpp collapses under load).
+
+    ``busy_cores`` is what other processes used during a short idle sample taken right before
+    the measurement; the load average lags by a minute and still counts the run's own previous
+    stages, so it is recorded but not used for the warning.
+    """
     try:
         load1, load5, _ = os.getloadavg()
     except OSError:
         load1 = load5 = float("nan")
-    return {"cpus": os.cpu_count(), "loadavg_1m": load1, "loadavg_5m": load5}
+    cpus = os.cpu_count() or 1
+    busy = float("nan")
+    a = _cpu_times()
+    if a is not None and sample_s > 0:
+        time.sleep(sample_s)
+        b = _cpu_times()
+        if b is not None and b[1] > a[1]:
+            busy = (b[0] - a[0]) / (b[1] - a[1]) * cpus
+    return {"cpus": cpus, "loadavg_1m": load1, "loadavg_5m": load5, "busy_cores": busy}
 
 
 def load_warning(before: dict, threads: int) -> str | None:
-    """A warning when other work competes for the cores the benchmark uses."""
+    """A warning when other work competed for the cores while the benchmark started."""
     cpus = before.get("cpus") or 1
-    load = before.get("loadavg_1m", 0.0)
-    if math.isfinite(load) and load > max(0.5, cpus - threads + 0.5):
-        return (f"machine load was {load:.2f} on {cpus} CPUs when the benchmark started "
+    busy = before.get("busy_cores", float("nan"))
+    if math.isfinite(busy) and busy > max(0.3, cpus - threads + 0.3):
+        return (f"other processes kept {busy:.2f} of {cpus} CPUs busy when the benchmark started "
                 f"({threads} threads asked for): figures may be depressed by contention")
     return None

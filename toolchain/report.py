@@ -277,13 +277,14 @@ def _settings_section(bench: list[dict]) -> tuple:
     for r in bench:
         s = r.get("settings") if isinstance(r.get("settings"), dict) else {}
         m = r.get("machine") if isinstance(r.get("machine"), dict) else {}
+        m = m["before"] if isinstance(m.get("before"), dict) else m  # state sampled before the timed runs
         rows.append([fmt_value(r.get("target")), fmt_value(r.get("runtime")),
                      *(fmt_value(s.get(k)) for k in
                        ("threads", "prompt_tokens", "gen_tokens", "repetitions", "warmup")),
-                     fmt_value(m.get("cpus")), fmt(m.get("loadavg_1m"), ".2f")])
+                     fmt_value(m.get("cpus")), fmt(m.get("busy_cores"), ".2f"), fmt(m.get("loadavg_1m"), ".2f")])
     headers = ["Target", "Runtime", "Threads", "Prompt tokens", "Gen tokens", "Repetitions",
-               "Warm-up", "CPUs", "Load (1 min)"]
-    return ("Settings", [("table", headers, rows, "ll" + "r" * 7)])
+               "Warm-up", "CPUs", "CPUs busy elsewhere", "Load (1 min)"]
+    return ("Settings", [("table", headers, rows, "ll" + "r" * 8)])
 
 
 def _warnings_section(bench: list[dict]) -> tuple:
