@@ -151,15 +151,10 @@ def run_chat(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from toolchain.errors import EdgesmithError
+    """``python -m toolchain.chatcli`` is ``edgesmith chat``."""
+    from toolchain.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="edgesmith")
-    add_chat_parser(parser.add_subparsers(dest="command", required=True))
-    try:
-        return run_chat(parser.parse_args(["chat", *(sys.argv[1:] if argv is None else argv)]))
-    except EdgesmithError as exc:
-        print(f"edgesmith: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(["chat", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -289,15 +289,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from toolchain.errors import EdgesmithError
+    """``python -m toolchain.serve`` is ``edgesmith serve``."""
+    from toolchain.cli import main as cli_main
 
-    parser = argparse.ArgumentParser(prog="edgesmith")
-    add_serve_parser(parser.add_subparsers(dest="command", required=True))
-    try:
-        return run_serve(parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)]))
-    except EdgesmithError as exc:
-        print(f"edgesmith: {exc}", file=sys.stderr)
-        return 2
+    return cli_main(["serve", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

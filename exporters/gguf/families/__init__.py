@@ -31,7 +31,7 @@ import numpy as np
 from exporters.onnx.families import Checkpoint, TensorMismatchError, read_config  # shared checkpoint reader
 from toolchain.errors import PreflightError, StageError
 
-from ..tables import ROPE_DEFAULT, SUPPORTED_ARCHITECTURES
+from ..tables import ROPE_DEFAULT, ROPE_LINEAR, SUPPORTED_ARCHITECTURES
 
 __all__ = ["Checkpoint", "Entry", "Hparams", "TensorMismatchError", "family_for", "read_config"]
 
@@ -233,6 +233,14 @@ def decoder_entries(hp: Hparams, layer_table: list[tuple], prefix: str = "model"
     if not hp.tie_word_embeddings:
         entries.append(Entry(gguf_name(gguf.MODEL_TENSOR.OUTPUT), HF_LM_HEAD, (v, h)))
     return entries
+
+
+def write_hparams_linear_rope(writer: gguf.GGUFWriter, hp: Hparams) -> None:
+    """The common keys, plus linear rope scaling when the config asks for it."""
+    write_common_hparams(writer, hp)
+    if hp.rope.rope_type == ROPE_LINEAR:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(hp.rope.params["factor"]))
 
 
 def skipped_tied_head(hp: Hparams, names: set[str]) -> dict[str, str]:

@@ -13,7 +13,7 @@ import gguf
 
 from ..tables import ROPE_DEFAULT, ROPE_LINEAR, ROPE_LLAMA3
 from . import (Entry, Hparams, decoder_entries, gguf_name, llama3_rope_factors, positive_int, read_common, refuse,
-               rope_interleave, skipped_tied_head, write_common_hparams)
+               rope_interleave, skipped_tied_head, write_hparams_linear_rope)
 
 MODEL_TYPES = ("llama", "mistral")
 ARCH = gguf.MODEL_ARCH.LLAMA
@@ -82,11 +82,7 @@ def tensor_entries(hp: Hparams, names: set[str]) -> list[Entry]:
 skipped = skipped_tied_head
 
 
-def write_hparams(writer: gguf.GGUFWriter, hp: Hparams) -> None:
-    write_common_hparams(writer, hp)
-    if hp.rope.rope_type == ROPE_LINEAR:
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(hp.rope.params["factor"]))
+write_hparams = write_hparams_linear_rope
 
 
 def extra_tensors(hp: Hparams) -> list[tuple[str, object]]:

@@ -9,7 +9,7 @@ import gguf
 
 from ..tables import ROPE_DEFAULT, ROPE_LINEAR
 from . import (Entry, Hparams, decoder_entries, read_common, refuse, require_head_dim_product, skipped_tied_head,
-               write_common_hparams)
+               write_hparams_linear_rope)
 
 MODEL_TYPES = ("qwen2",)
 ARCH = gguf.MODEL_ARCH.QWEN2
@@ -54,11 +54,7 @@ def tensor_entries(hp: Hparams, names: set[str]) -> list[Entry]:
 skipped = skipped_tied_head
 
 
-def write_hparams(writer: gguf.GGUFWriter, hp: Hparams) -> None:
-    write_common_hparams(writer, hp)
-    if hp.rope.rope_type == ROPE_LINEAR:
-        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(hp.rope.params["factor"]))
+write_hparams = write_hparams_linear_rope
 
 
 def extra_tensors(hp: Hparams) -> list:
