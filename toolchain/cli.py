@@ -174,6 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     except EdgesmithError as exc:
         print(f"edgesmith: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and closed early
+        sys.stderr.close()
+        return 0
     except KeyboardInterrupt:
         print("edgesmith: interrupted; finished stages are kept, the unfinished one left as .partial", file=sys.stderr)
         return 130
