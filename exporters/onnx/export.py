@@ -34,10 +34,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from exporters.hf import read_config
 from toolchain.errors import PreflightError
 
 from .config import OnnxExportConfig
-from .families import DecoderSpec, DecoderWeights, family_for, read_config
+from .families import DecoderSpec, DecoderWeights, family_for
 from .graph import GraphBuilder
 
 MODEL_FILE = "model.onnx"

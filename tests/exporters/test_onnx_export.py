@@ -18,7 +18,7 @@ ort = pytest.importorskip("onnxruntime")
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
 from exporters.onnx import OnnxExportConfig, export, preflight  # noqa: E402
-from exporters.onnx.families import TensorMismatchError  # noqa: E402
+from exporters.hf import TensorMismatchError  # noqa: E402
 from exporters.onnx.families.llama import read_rope  # noqa: E402
 from runtimes.onnxruntime_runtime import OnnxRuntime  # noqa: E402
 from toolchain.errors import PreflightError  # noqa: E402

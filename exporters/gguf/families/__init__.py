@@ -28,17 +28,13 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from exporters.onnx.families import Checkpoint, TensorMismatchError, read_config  # shared checkpoint reader
+from exporters.hf import (IGNORED_SUFFIXES, Checkpoint, Rope, TensorMismatchError, positive_int, read_config,  # noqa: F401
+                         read_rope, refuse)
 from toolchain.errors import PreflightError, StageError
 
-from ..tables import ROPE_DEFAULT, ROPE_LINEAR, SUPPORTED_ARCHITECTURES
+from ..tables import ROPE_LINEAR, SUPPORTED_ARCHITECTURES
 
 __all__ = ["Checkpoint", "Entry", "Hparams", "TensorMismatchError", "family_for", "read_config"]
-
-DEFAULT_ROPE_THETA = 10000.0  # transformers' default when a config names none
-# buffers older checkpoints saved; transformers ignores them on load, and so do we
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
 
 def family_for(model_type: str | None) -> ModuleType:
     """The family module for ``model_type``, or a PreflightError saying what is supported."""
@@ -49,56 +45,6 @@ def family_for(model_type: str | None) -> ModuleType:
             f"(fix: choose another export target for this model, or file an issue asking for {model_type!r} "
             f"support in the GGUF exporter)")
     return importlib.import_module(f"{__name__}.{SUPPORTED_ARCHITECTURES[model_type]}")
-
-
-def refuse(what: str, value, fix: str) -> PreflightError:
-    return PreflightError(f"config.json: {what}, got {value!r} (fix: {fix})")
-
-
-@dataclass(frozen=True)
-class Rope:
-    """One rotary embedding as config.json describes it (transformers 4 or 5 layout)."""
-
-    theta: float
-    source: str  # which config key theta came from (see DESIGN.md, the rope_theta pitfall)
-    rope_type: str = ROPE_DEFAULT
-    params: dict = field(default_factory=dict)  # the rest: factor, long_factor, ...
-
-
-def read_rope(config: dict, section: str | None = None, default_theta: float = DEFAULT_ROPE_THETA) -> Rope:
-    """The rotary embedding of ``config`` (of one attention kind, ``section``, for Gemma3).
-
-    transformers 5 writes ``rope_parameters: {rope_theta, rope_type, ...}``, per attention kind
-    for some models (``{"full_attention": {...}, "sliding_attention": {...}}``); older versions
-    wrote top-level ``rope_theta`` and an optional ``rope_scaling``. Reading only one of them
-    silently falls back to 10000 on the other kind of file, which is the drift DESIGN.md records.
-    """
-    block = config.get("rope_parameters")
-    where = "rope_parameters"
-    if block is None:
-        block, where = config.get("rope_scaling"), "rope_scaling"
-    if block is not None and not isinstance(block, dict):
-        raise refuse(f"`{where}` must be a mapping", block, "fix config.json")
-    block = dict(block or {})
-    if section is not None and isinstance(block.get(section), dict):
-        block, where = dict(block[section]), f"{where}.{section}"
-    rope_type = block.pop("rope_type", block.pop("type", ROPE_DEFAULT)) or ROPE_DEFAULT
-    if "rope_theta" in block:
-        theta, source = block.pop("rope_theta"), f"{where}.rope_theta"
-    elif "rope_theta" in config:
-        theta, source = config["rope_theta"], "rope_theta"
-    else:
-        theta, source = default_theta, "default"
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
-        raise refuse("`rope_theta` must be a positive number", theta, "fix config.json")
-    return Rope(float(theta), source, str(rope_type), block)
-
-
-def positive_int(config: dict, key: str, default=None) -> int:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise refuse(f"`{key}` must be a positive integer", value, "fix config.json")
-    return value
 
 
 @dataclass

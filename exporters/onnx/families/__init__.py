@@ -11,14 +11,12 @@ safetensors header(s) first, so a family can check all of them before loading an
 from __future__ import annotations
 
 import importlib
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from types import ModuleType
 
 import numpy as np
 
-from toolchain.errors import ModelSourceError, PreflightError, StageError
+from toolchain.errors import PreflightError
 
 # model_type (config.json) -> family module under exporters.onnx.families
 FAMILIES: dict[str, str] = {
@@ -88,81 +86,3 @@ class DecoderWeights:
     layers: list[LayerWeights]
     norm: np.ndarray  # [hidden]
     lm_head: np.ndarray | None  # [vocab, hidden]; None when tied to ``embed``
-
-
-class TensorMismatchError(StageError):
-    """The checkpoint's tensors do not match what the architecture expects."""
-
-    def __init__(self, model_dir: Path, missing: list[str], extra: list[str],
-                 wrong_shape: list[tuple[str, tuple, tuple]]):
-        self.missing, self.extra, self.wrong_shape = missing, extra, wrong_shape
-        lines = [f"the checkpoint in {model_dir} does not match its config.json:"]
-        if missing:
-            lines.append(f"  missing tensors ({len(missing)}): {', '.join(missing)}")
-        if extra:
-            lines.append(f"  extra tensors ({len(extra)}): {', '.join(extra)}")
-        for name, want, got in wrong_shape:
-            lines.append(f"  wrong shape: {name} is {list(got)}, expected {list(want)}")
-        lines.append("  (fix: export the merged model directory that this config.json belongs to, "
-                     "or correct config.json)")
-        super().__init__("\n".join(lines))
-
-
-def read_config(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / "config.json"
-    if not path.is_file():
-        raise ModelSourceError(f"{path} not found (fix: pass a Hugging Face model directory with config.json "
-                               f"and *.safetensors, e.g. the merge stage's output)")
-    return json.loads(path.read_text())
-
-
-class Checkpoint:
-    """The tensors of a safetensors checkpoint, single file or sharded, read lazily."""
-
-    INDEX = "model.safetensors.index.json"
-
-    def __init__(self, model_dir: str | Path):
-        self.model_dir = Path(model_dir)
-        index = self.model_dir / self.INDEX
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted({self.model_dir / f for f in weight_map.values()})
-        else:
-            files = sorted(self.model_dir.glob("*.safetensors"))
-        if not files:
-            raise ModelSourceError(f"no *.safetensors files in {self.model_dir} (fix: save the model with "
-                                   f"save_pretrained(..., safe_serialization=True))")
-        self.where: dict[str, Path] = {}
-        self.shapes: dict[str, tuple[int, ...]] = {}
-        for file in files:
-            if not file.is_file():
-                raise ModelSourceError(f"{file.name} is listed in {self.INDEX} but missing from {self.model_dir}")
-            with _open(file) as f:
-                for name in f.keys():
-                    self.where[name] = file
-                    self.shapes[name] = tuple(f.get_slice(name).get_shape())
-
-    def check(self, expected: dict[str, tuple[int, ...]], ignored: set[str] = frozenset()) -> None:
-        """Raise TensorMismatchError unless names and shapes match ``expected`` exactly.
-
-        ``ignored`` names may be present or absent (e.g. a tied lm_head saved anyway).
-        """
-        missing = sorted(set(expected) - set(self.shapes))
-        extra = sorted(set(self.shapes) - set(expected) - set(ignored))
-        wrong = [(n, expected[n], self.shapes[n]) for n in sorted(set(expected) & set(self.shapes))
-                 if tuple(expected[n]) != self.shapes[n]]
-        if missing or extra or wrong:
-            raise TensorMismatchError(self.model_dir, missing, extra, wrong)
-
-    def load(self, name: str) -> np.ndarray:
-        """One tensor as float32 numpy (bf16/fp16 are widened through torch)."""
-        with _open(self.where[name]) as f:
-            tensor = f.get_tensor(name)
-        return tensor.float().numpy()
-
-
-def _open(path: Path):
-    # framework="pt": the numpy backend cannot represent bfloat16
-    from safetensors import safe_open
-
-    return safe_open(str(path), framework="pt")

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from toolchain.errors import PreflightError
+from exporters.hf import IGNORED_SUFFIXES, ROPE_DEFAULT, Checkpoint, positive_int, refuse
+from exporters.hf import read_rope as hf_read_rope
 
-from . import Checkpoint, DecoderSpec, DecoderWeights, LayerWeights
+from . import DecoderSpec, DecoderWeights, LayerWeights
 
 MODEL_TYPES = ("llama", "mistral")
-DEFAULT_ROPE_THETA = 10000.0  # transformers' default when a config names none
 SUPPORTED_ACTIVATIONS = ("silu", "swish")  # the same function under two names
 
 # role -> (module path inside a layer, which config flag adds a bias to it)
@@ -28,75 +28,47 @@ PROJECTIONS = {
 }
 NORMS = {"input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm"}
 EMBED, FINAL_NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
-# buffers older checkpoints saved; transformers ignores them on load, and so do we
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-def _refuse(what: str, value, fix: str) -> PreflightError:
-    return PreflightError(f"config.json: {what}, got {value!r} (fix: {fix})")
 
 
 def read_rope(config: dict) -> tuple[float, str]:
-    """(rope_theta, the key it came from). Only the default (unscaled) rotary embedding is supported.
-
-    transformers 5 writes ``rope_parameters: {rope_theta, rope_type}``; older versions wrote a
-    top-level ``rope_theta`` and an optional ``rope_scaling``. Reading only one of them silently
-    falls back to 10000 on the other kind of file, which is the drift DESIGN.md records.
-    """
-    params = config.get("rope_parameters") or {}
-    scaling = config.get("rope_scaling") or {}
-    for key, block in (("rope_parameters", params), ("rope_scaling", scaling)):
-        if not isinstance(block, dict):
-            raise _refuse(f"`{key}` must be a mapping", block, "fix config.json")
-        rope_type = block.get("rope_type", block.get("type", "default"))
-        if rope_type != "default":
-            raise _refuse(f"`{key}.rope_type` must be 'default' (plain rotary embedding) for the ONNX "
-                          f"exporter", rope_type, "export a model without rope scaling, or file an issue "
-                          f"asking for this rope type")
-    if "rope_theta" in params:
-        theta, source = params["rope_theta"], "rope_parameters.rope_theta"
-    elif "rope_theta" in config:
-        theta, source = config["rope_theta"], "rope_theta"
-    else:
-        theta, source = DEFAULT_ROPE_THETA, "default"
-    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
-        raise _refuse("`rope_theta` must be a positive number", theta, "fix config.json")
-    return float(theta), source
-
-
-def _int(config: dict, key: str, default=None) -> int:
-    value = config.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise _refuse(f"`{key}` must be a positive integer", value, "fix config.json")
-    return value
+    """(rope_theta, the key it came from), read by ``exporters.hf.read_rope`` from either config
+    layout. Only the default (unscaled) rotary embedding is supported by this graph."""
+    for key in ("rope_parameters", "rope_scaling"):  # both layouts may name a scaled rope
+        block = config.get(key)
+        if isinstance(block, dict) and block.get("rope_type", block.get("type", ROPE_DEFAULT)) != ROPE_DEFAULT:
+            raise refuse(f"`{key}.rope_type` must be 'default' (plain rotary embedding) for the ONNX exporter",
+                         block.get("rope_type", block.get("type")), "export a model without rope scaling, or "
+                         "file an issue asking for this rope type")
+    rope = hf_read_rope(config)
+    return rope.theta, rope.source
 
 
 def read_spec(config: dict) -> DecoderSpec:
     """The effective decoder hyper-parameters; PreflightError for anything the graph cannot express."""
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
-        raise _refuse(f"`model_type` must be one of {MODEL_TYPES} for the Llama family", model_type,
+        raise refuse(f"`model_type` must be one of {MODEL_TYPES} for the Llama family", model_type,
                       "use the family that matches model_type")
     act = config.get("hidden_act", "silu")
     if act not in SUPPORTED_ACTIVATIONS:
-        raise _refuse(f"`hidden_act` must be one of {SUPPORTED_ACTIVATIONS}", act, "file an issue for this activation")
-    hidden, heads = _int(config, "hidden_size"), _int(config, "num_attention_heads")
-    kv_heads = _int(config, "num_key_value_heads", heads)
+        raise refuse(f"`hidden_act` must be one of {SUPPORTED_ACTIVATIONS}", act, "file an issue for this activation")
+    hidden, heads = positive_int(config, "hidden_size"), positive_int(config, "num_attention_heads")
+    kv_heads = positive_int(config, "num_key_value_heads", heads)
     if heads % kv_heads:
-        raise _refuse(f"`num_attention_heads` ({heads}) must be a multiple of `num_key_value_heads`", kv_heads,
+        raise refuse(f"`num_attention_heads` ({heads}) must be a multiple of `num_key_value_heads`", kv_heads,
                       "fix config.json")
     head_dim = config.get("head_dim") or hidden // heads
     if head_dim % 2:
-        raise _refuse("`head_dim` must be even for rotary embeddings", head_dim, "fix config.json")
+        raise refuse("`head_dim` must be even for rotary embeddings", head_dim, "fix config.json")
     window = config.get("sliding_window") if model_type == "mistral" else None
     if window is not None:
-        window = _int(config, "sliding_window")
+        window = positive_int(config, "sliding_window")
     theta, theta_source = read_rope(config)
     return DecoderSpec(
-        model_type=model_type, hidden_size=hidden, num_layers=_int(config, "num_hidden_layers"),
+        model_type=model_type, hidden_size=hidden, num_layers=positive_int(config, "num_hidden_layers"),
         num_heads=heads, num_kv_heads=kv_heads, head_dim=int(head_dim),
-        intermediate_size=_int(config, "intermediate_size"), vocab_size=_int(config, "vocab_size"),
-        max_positions=_int(config, "max_position_embeddings"),
+        intermediate_size=positive_int(config, "intermediate_size"), vocab_size=positive_int(config, "vocab_size"),
+        max_positions=positive_int(config, "max_position_embeddings"),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
         rope_theta=theta, rope_theta_source=theta_source,
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
