@@ -45,7 +45,8 @@ def _quickstart_stages() -> dict[str, list[str]]:
         if t["format"] == "gguf-lora":
             needs += ["model", "train"]
         stages[f"export-{t['name']}"] = needs
-        stages[f"bench-{t['name']}-{runtimes[t['format']]}"] = [f"export-{t['name']}", "reference"]
+        for runtime in t.get("runtimes") or [runtimes[t["format"]]]:
+            stages[f"bench-{t['name']}-{runtime}"] = [f"export-{t['name']}", "reference"]
     return stages
 
 

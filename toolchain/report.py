@@ -272,6 +272,36 @@ def _imatrix_section(pairs: list[tuple[dict, dict]]) -> tuple:
                                                  rows, "lllll"), ("p", note)])
 
 
+def _decode_median(r: dict | None, key: str = "decode_tps") -> float | None:
+    stat = r.get(key) if isinstance(r, dict) else None
+    return _num(stat.get("median")) if isinstance(stat, dict) else _num(stat)
+
+
+def _anchor_row(bench: list[dict]) -> dict | None:
+    """llama.cpp's Q4_0, the speed anchor ONNX targets are compared with (issue: int4 >= Q4_0)."""
+    return next((r for r in bench if r.get("format") == "gguf" and r.get("precision") == "Q4_0"
+                 and r.get("runtime") == "llama.cpp"), None)
+
+
+def _ratios_section(bench: list[dict], anchor: dict) -> tuple:
+    torch_row = next((r for r in bench if r.get("runtime") == "torch"), None)
+    rows = []
+    for r in bench:
+        if r.get("format") != "onnx":
+            continue
+        cells = [fmt_value(r.get("target")), fmt_value(r.get("runtime"))]
+        for base in (anchor, torch_row):
+            for key in ("decode_tps", "prefill_tps"):
+                a, b = _decode_median(r, key), _decode_median(base, key)
+                cells.append(f"{a / b:.2f}x" if a and b else DASH)
+        rows.append(cells)
+    note = (f"Medians of the same run, same threads. Anchor: {fmt_value(anchor.get('target'))} "
+            "(llama.cpp Q4_0); above 1.00x the ONNX target is faster. benchmarks/onnx_speed.py adds the obvious "
+            "path (optimum export + onnxruntime quantize_dynamic) and a per-operator profile.")
+    headers = ["Target", "Runtime", "Decode vs Q4_0", "Prefill vs Q4_0", "Decode vs torch", "Prefill vs torch"]
+    return ("ONNX speed against llama.cpp Q4_0", [("table", headers, rows, "llrrrr"), ("p", note)])
+
+
 def _settings_section(bench: list[dict]) -> tuple:
     rows = []
     for r in bench:
@@ -322,6 +352,9 @@ def build_sections(data: dict, have: set[str]) -> tuple[str, list[tuple]]:
         pairs = _imatrix_pairs(bench, targets)
         if pairs:
             sections.append(_imatrix_section(pairs))
+        anchor = _anchor_row(bench)
+        if anchor and any(r.get("format") == "onnx" for r in bench):
+            sections.append(_ratios_section(bench, anchor))
         sections += [_warnings_section(bench), _settings_section(bench)]
     if _dicts(data.get("stages")):
         sections.append(_stages_section(_dicts(data["stages"])))

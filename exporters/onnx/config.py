@@ -1,7 +1,7 @@
-"""Typed configuration of the ONNX exporter, validated when it is built."""
+"""Typed configuration of the ONNX exporter, validated when it is built (imports nothing heavy)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 from onnx import TensorProto
@@ -12,39 +12,97 @@ class Precision:
     """How one precision stores weights and computes activations in the exported graph."""
 
     name: str
-    weight_dtype: type  # numpy dtype of stored float weights
+    weight_dtype: type  # numpy dtype of float weights (norms, embeddings; every linear when bits is None)
     compute_elem_type: int  # ONNX element type of activations, logits and the KV cache
     mask_value: float  # large finite negative used to mask attention (never -inf: NaN on empty rows)
+    bits: int | None  # linear layers block-quantised to this many bits (MatMulNBits), or plain floats
     summary: str
 
 
-# fp16 / int8 / int4 are added here when their writers exist; `precision` accepts only these keys.
 PRECISIONS: dict[str, Precision] = {
-    "fp32": Precision("fp32", np.float32, TensorProto.FLOAT, float(np.finfo(np.float32).min),
+    "fp32": Precision("fp32", np.float32, TensorProto.FLOAT, float(np.finfo(np.float32).min), None,
                       "float32 weights and activations: the reference export"),
+    "fp16": Precision("fp16", np.float16, TensorProto.FLOAT16, float(np.finfo(np.float16).min), None,
+                      "float16 weights, activations and KV cache (GPU / mobile NPU friendly, half the size)"),
+    "int8": Precision("int8", np.float32, TensorProto.FLOAT, float(np.finfo(np.float32).min), 8,
+                      "int8 block-quantised linear layers; activations quantised to int8 at run time "
+                      "(dynamic) or with calibrated ranges (static)"),
+    "int4": Precision("int4", np.float32, TensorProto.FLOAT, float(np.finfo(np.float32).min), 4,
+                      "int4 block-quantised linear layers (MatMulNBits), float32 activations"),
 }
 
-# The graph uses standard ops only. Opset 17 is what onnxruntime-web and transformers.js run;
-# later opsets only change how ReduceMean takes its axes, which the graph builder handles.
+GRAPHS = {
+    "fused": "onnxruntime contrib kernels: GroupQueryAttention with rotary, SimplifiedLayerNormalization, "
+             "SkipSimplifiedLayerNormalization, MatMulNBits (fast on onnxruntime and onnxruntime-genai)",
+    "standard": "standard ONNX ops only (any ONNX runtime); float precisions only",
+}
+# MatMulNBits accuracy_level: the minimum precision its kernel computes in
+ACCURACY_LEVELS = {0: "unset (kernel default)", 1: "fp32", 2: "fp16", 3: "bf16", 4: "int8 (fastest on CPU)"}
+ACTIVATIONS_INT8 = ("dynamic", "static")
+
+# The graph uses opset 17 by default, what onnxruntime-web and transformers.js run; later
+# opsets only change how Reduce ops take their axes, which the graph builder handles.
 MIN_OPSET = 17
 MAX_OPSET = 21
 
 
 @dataclass(frozen=True)
 class OnnxExportConfig:
+    """`onnx` target options. Quantisation options apply to int8 / int4 only."""
+
     precision: str = "fp32"
+    graph: str = "fused"
     opset: int = 17
+    block_size: int = 32  # values per quantisation block along the input dimension (16..256, power of two)
+    symmetric: bool = True  # False: a zero point per block (asymmetric)
+    accuracy_level: int = 4  # MatMulNBits compute precision, see ACCURACY_LEVELS
+    quantize_lm_head: bool = True  # the vocab projection is the largest matrix of a small model
+    quantize_embedding: bool = False  # embedding table block-quantised too (GatherBlockQuantized)
+    activations: str = "dynamic"  # int8 only: activation scales at run time, or from calibration data
+    genai: bool | None = None  # write genai_config.json (onnxruntime-genai / mobile apps); default: with graph fused
 
     def __post_init__(self) -> None:
-        if self.precision not in PRECISIONS:
-            choices = ", ".join(repr(p) for p in PRECISIONS)
-            raise ValueError(f"`precision` must be one of {choices}, got {self.precision!r}")
+        def choice(key, value, options):
+            if value not in options:
+                raise ValueError(f"`{key}` must be one of {', '.join(map(repr, options))}, got {value!r}")
+
+        def flag(key, value):
+            if not isinstance(value, bool):
+                raise ValueError(f"`{key}` must be true or false, got {value!r}")
+
+        choice("precision", self.precision, PRECISIONS)
+        choice("graph", self.graph, GRAPHS)
+        choice("accuracy_level", self.accuracy_level, ACCURACY_LEVELS)
+        choice("activations", self.activations, ACTIVATIONS_INT8)
+        for key in ("symmetric", "quantize_lm_head", "quantize_embedding"):
+            flag(key, getattr(self, key))
+        if self.genai is not None:
+            flag("genai", self.genai)
         if isinstance(self.opset, bool) or not isinstance(self.opset, int) or not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ValueError(f"`opset` must be an integer from {MIN_OPSET} to {MAX_OPSET}, got {self.opset!r}")
+        b = self.block_size
+        if isinstance(b, bool) or not isinstance(b, int) or not 16 <= b <= 256 or b & (b - 1):
+            raise ValueError(f"`block_size` must be 16, 32, 64, 128 or 256, got {b!r}")
+        if self.spec.bits is not None and self.graph != "fused":
+            raise ValueError(f"precision {self.precision!r} uses MatMulNBits, an onnxruntime kernel: it needs "
+                             f"`graph: fused`, got {self.graph!r}")
+        if self.activations == "static" and self.precision != "int8":
+            raise ValueError(f"`activations: static` applies to precision int8 only, got {self.precision!r}")
+        if self.genai is True and self.graph != "fused":
+            raise ValueError("`genai: true` needs `graph: fused` (onnxruntime-genai runs the GroupQueryAttention "
+                             "graph); set `genai: false` for a standard-ops export")
 
     @property
     def spec(self) -> Precision:
         return PRECISIONS[self.precision]
+
+    @property
+    def writes_genai(self) -> bool:
+        return self.graph == "fused" if self.genai is None else self.genai
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.activations == "static"
 
     @classmethod
     def coerce(cls, value: "OnnxExportConfig | dict | None") -> "OnnxExportConfig":
@@ -54,10 +112,11 @@ class OnnxExportConfig:
         if isinstance(value, cls):
             return value
         if isinstance(value, dict):
-            unknown = sorted(set(value) - {"precision", "opset"})
+            known = [f.name for f in fields(cls)]
+            unknown = sorted(set(value) - set(known))
             if unknown:
                 raise ValueError(f"unknown ONNX export option(s) {', '.join(map(repr, unknown))}; "
-                                 f"known: 'precision', 'opset'")
+                                 f"known: {', '.join(map(repr, known))}")
             return cls(**value)
         raise TypeError(f"ONNX export config must be an OnnxExportConfig, a dict or None, got {type(value).__name__}")
 

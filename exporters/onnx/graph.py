@@ -22,6 +22,8 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 Dim = int | str | None
+# onnxruntime registers these in the ONNX domain although ONNX defines no such op
+ORT_ONNX_DOMAIN_OPS = {"SimplifiedLayerNormalization"}
 
 
 class GraphBuilder:
@@ -41,6 +43,7 @@ class GraphBuilder:
         self._used: set[str] = set()
         self._counters: dict[str, int] = {}
         self._constants: dict[tuple, str] = {}
+        self.domains: dict[str, int] = {}  # custom operator domains used -> opset version
 
     # -- names --------------------------------------------------------------------------------
     def unique(self, base: str) -> str:
@@ -85,22 +88,29 @@ class GraphBuilder:
         return self._constants[key]
 
     def op(self, op_type: str, inputs: Sequence[str | None], name: str | None = None,
-           outputs: Sequence[str] | int = 1, **attrs) -> str | list[str]:
+           outputs: Sequence[str] | int = 1, domain: str = "", **attrs) -> str | list[str]:
         """Add a node; return its output name (or list of names when it has several).
 
         ``name`` is a readable prefix ("layers.0/attn/q") for the node and its outputs; ``outputs``
-        is a count of generated names or the exact output names. ``None`` inputs are omitted
-        optional inputs.
+        is a count of generated names or the exact output names (``""`` skips an optional output).
+        ``None`` inputs are omitted optional inputs. A ``domain`` other than ONNX's (onnxruntime's
+        ``com.microsoft``) is declared in the model's opset imports.
         """
         base = name or op_type
         if isinstance(outputs, int):
             out_names = [self.unique(base if outputs == 1 else f"{base}:{i}") for i in range(outputs)]
         else:
-            out_names = [self._claim(o) for o in outputs]
+            out_names = [self._claim(o) if o else "" for o in outputs]
         node_name = self.unique(f"node/{base}")
         ins = ["" if i is None else i for i in inputs]
-        self.nodes.append(helper.make_node(op_type, ins, out_names, name=node_name, **attrs))
+        if domain:
+            self.domains.setdefault(domain, 1)
+        self.nodes.append(helper.make_node(op_type, ins, out_names, name=node_name, domain=domain or None, **attrs))
         return out_names[0] if len(out_names) == 1 else out_names
+
+    def uses_custom_ops(self) -> bool:
+        """True when the graph needs onnxruntime's own kernels (not checkable by onnx.checker)."""
+        return bool(self.domains) or any(n.op_type in ORT_ONNX_DOMAIN_OPS for n in self.nodes)
 
     # -- opset-dependent helpers --------------------------------------------------------------
     def reduce_mean(self, x: str, axes: Sequence[int], keepdims: bool = True, name: str | None = None) -> str:
@@ -136,7 +146,8 @@ class GraphBuilder:
             tensors = [self._tensor(n, a, data_file, data_location) for n, a in self.initializers.items()]
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, tensors)
         opsets = [helper.make_opsetid("", self.opset)]
-        model = helper.make_model(graph, opset_imports=opsets, producer_name=producer)
+        model = helper.make_model(graph, opset_imports=opsets + [helper.make_opsetid(d, v) for d, v in self.domains.items()],
+                                  producer_name=producer)
         # the lowest IR version this opset allows, so older runtimes (onnxruntime-web) read it
         model.ir_version = helper.find_min_ir_version_for(opsets)
         helper.set_model_props(model, self.metadata)
