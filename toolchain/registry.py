@@ -83,8 +83,8 @@ class Registry:
 #                name            module:attribute                                  extra   needs
 EXPORTERS = Registry("exporter", [
     Entry("onnx", "exporters.onnx:export", "onnx", ("onnx", "numpy"),
-          "ONNX decoder with KV cache (past/present), for onnxruntime",
-          config="exporters.onnx.config:OnnxExportConfig"),
+          "ONNX decoder with KV cache: fp32/fp16/int8/int4 (MatMulNBits), onnxruntime and onnxruntime-genai",
+          config="exporters.onnx.config:OnnxExportConfig", needs=("calibration",)),
     Entry("gguf", "exporters.gguf.export:export", None, ("gguf", "llama_cpp"),
           "GGUF for llama.cpp: F32/F16/BF16 and llama.cpp's own quantiser (Q8_0 ... IQ4), optional imatrix",
           config="exporters.gguf.config:GgufExportConfig", needs=("imatrix",), install="bash scripts/install-llama-cpp.sh (portable llama-cpp-python build)"),
@@ -98,6 +98,8 @@ RUNTIMES = Registry("runtime", [
           "PyTorch + transformers on the merged model: the reference"),
     Entry("onnxruntime", "runtimes.onnxruntime_runtime:OnnxRuntime", "onnx", ("onnxruntime",),
           "onnxruntime CPU execution provider with a KV-cache loop"),
+    Entry("onnxruntime-genai", "runtimes.onnxruntime_genai_runtime:OnnxGenaiRuntime", "onnx", ("onnxruntime_genai",),
+          "onnxruntime-genai (what Android/iOS apps embed) on an ONNX folder with genai_config.json"),
     Entry("llama.cpp", "runtimes.llamacpp_runtime:LlamaCppRuntime", None, ("llama_cpp",),
           "llama.cpp through llama-cpp-python (CPU; GGUF models and GGUF LoRA adapters)", install="bash scripts/install-llama-cpp.sh (portable llama-cpp-python build)"),
 ])

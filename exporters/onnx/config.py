@@ -59,7 +59,8 @@ class OnnxExportConfig:
     quantize_lm_head: bool = True  # the vocab projection is the largest matrix of a small model
     quantize_embedding: bool = False  # embedding table block-quantised too (GatherBlockQuantized)
     activations: str = "dynamic"  # int8 only: activation scales at run time, or from calibration data
-    genai: bool | None = None  # write genai_config.json (onnxruntime-genai / mobile apps); default: with graph fused
+    genai: bool | None = None  # write genai_config.json (onnxruntime-genai / mobile apps); default: when the
+    # model folder has its tokenizer files
 
     def __post_init__(self) -> None:
         def choice(key, value, options):
@@ -88,9 +89,6 @@ class OnnxExportConfig:
                              f"`graph: fused`, got {self.graph!r}")
         if self.activations == "static" and self.precision != "int8":
             raise ValueError(f"`activations: static` applies to precision int8 only, got {self.precision!r}")
-        if self.genai is True and self.graph != "fused":
-            raise ValueError("`genai: true` needs `graph: fused` (onnxruntime-genai runs the GroupQueryAttention "
-                             "graph); set `genai: false` for a standard-ops export")
 
     @property
     def spec(self) -> Precision:
@@ -98,7 +96,7 @@ class OnnxExportConfig:
 
     @property
     def writes_genai(self) -> bool:
-        return self.graph == "fused" if self.genai is None else self.genai
+        return self.genai is not False
 
     @property
     def needs_calibration(self) -> bool:

@@ -129,12 +129,29 @@ def export(model_dir: str | Path, out_dir: str | Path, config: OnnxExportConfig 
         },
     }
     if cfg.writes_genai:
-        from .genai import write_genai_folder
-
-        genai = write_genai_folder(out_dir)
-        manifest["genai"] = genai
-        manifest["files"] = sorted(set(manifest["files"]) | set(genai.get("files", [])))
+        manifest["genai"] = _genai(out_dir, cfg)
+        manifest["files"] = sorted(set(manifest["files"]) | set(manifest["genai"].get("files", [])))
     return manifest
+
+
+def _genai(out_dir: Path, cfg: OnnxExportConfig) -> dict:
+    """genai_config.json in the export folder, and onnxruntime-genai's tokenizer checked against
+    transformers' on fixed strings and chat-template renderings: a drifted tokenizer fails the export."""
+    from .genai import REQUIRED_SIDE_FILES, write_genai_folder
+
+    missing = [n for n in REQUIRED_SIDE_FILES if not (out_dir / n).is_file()]
+    if missing and cfg.genai is None:  # asked for by default only: a model folder without a tokenizer
+        return {"written": False, "reason": f"the model folder has no {', '.join(missing)}"}
+    genai = write_genai_folder(out_dir)
+    check = genai.get("tokenizer_check", {})
+    if check.get("ran") and not check.get("ok"):
+        first = check["mismatches"][0]
+        raise PreflightError(
+            f"onnx export: onnxruntime-genai's tokenizer disagrees with transformers' on "
+            f"{len(check['mismatches'])} check(s), e.g. {first.get('kind')} of {first.get('text')!r}: "
+            f"transformers {first.get('hf')!r}, genai {first.get('genai')!r} (fix: check tokenizer.json and "
+            f"config.json's model_type, or set `genai: false` to skip the onnxruntime-genai folder)")
+    return {"written": True, **genai}
 
 
 def _op_counts(graph: GraphBuilder) -> dict[str, int]:
