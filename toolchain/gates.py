@@ -43,7 +43,9 @@ Q4_GOOD = Gate(0.15, 0.75, 0.20, 0.0, "4-bit k-quant: top-1 0.92 on the base mod
                "on the fine-tuned quickstart model, 0.82-0.87 across runs: CPU training is not bit-reproducible")
 IQ4 = Gate(0.20, 0.70, 0.25, 0.0, "4-bit non-linear grid; on SmolLM2 most rows are 576 wide, not a multiple of 256, so "
            "IQ4_XS falls back to IQ4_NL there: measured top-1 0.75-0.87 with imatrix across quickstart runs")
-Q4_PLAIN = Gate(0.30, 0.70, 0.40, 0.0, "plain 4-bit blocks: measured top-1 0.84 (Q4_0), 0.81 (int4 block 32)")
+Q4_PLAIN = Gate(0.50, 0.60, 0.45, 0.0, "plain 4-bit blocks: top-1 0.84 (Q4_0) and 0.81 (int4 block 32) on the base "
+                "model (DESIGN.md); on the fine-tuned quickstart model llama.cpp's own Q4_0 measured KL 0.35, top-1 "
+                "0.715, ΔPPL +25%, and edgesmith's int4 (imatrix, zero points, int8 LM head) KL 0.21, top-1 0.77")
 # Top-1 over the 256 held-out tokens moves by a few points from one fine-tune to the next (the
 # model itself changes; 1 token = 0.4 points), so the 4- and 8-bit gates sit below the lowest value
 # seen, not at the typical one. A broken export (wrong rope layout, swapped tensors, lost

@@ -84,7 +84,7 @@ class Registry:
 EXPORTERS = Registry("exporter", [
     Entry("onnx", "exporters.onnx:export", "onnx", ("onnx", "numpy"),
           "ONNX decoder with KV cache: fp32/fp16/int8/int4 (MatMulNBits), onnxruntime and onnxruntime-genai",
-          config="exporters.onnx.config:OnnxExportConfig", needs=("calibration",)),
+          config="exporters.onnx.config:OnnxExportConfig", needs=("calibration", "imatrix")),
     Entry("gguf", "exporters.gguf.export:export", None, ("gguf", "llama_cpp"),
           "GGUF for llama.cpp: F32/F16/BF16 and llama.cpp's own quantiser (Q8_0 ... IQ4), optional imatrix",
           config="exporters.gguf.config:GgufExportConfig", needs=("imatrix",), install="bash scripts/install-llama-cpp.sh (portable llama-cpp-python build)"),

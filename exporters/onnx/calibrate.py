@@ -64,3 +64,39 @@ def activation_ranges(model_dir: str | Path, calibration: str | Path, spec: Deco
         raise ValueError(f"calibration saw no input for {len(missing)} linear layer(s), e.g. {missing[0]}: the "
                          f"model's module names are not the ones this calibrator knows ({sorted(MODULE_TO_LINEAR)})")
     return {k: (v[0], v[1]) for k, v in ranges.items()}
+
+
+# the fused graph's linear (per layer) -> the importance-matrix tensor holding its input statistics,
+# first match wins (llama.cpp names; phi3 keeps q/k/v and gate/up fused)
+IMATRIX_SOURCES = {
+    "attn/qkv": ("attn_q", "attn_qkv"),
+    "attn/o": ("attn_output",),
+    "mlp/gate_up": ("ffn_gate", "ffn_up"),
+    "mlp/down": ("ffn_down",),
+}
+
+
+def importance_from_imatrix(path: str | Path, spec: DecoderSpec) -> dict:
+    """``{linear name: mean x^2 per input column}`` from the run's importance matrix (the GGUF
+    imatrix file the ``imatrix`` stage writes), keyed by the fused graph's linear names."""
+    import numpy as np
+
+    from exporters.gguf.imatrix import load_imatrix
+
+    data = load_imatrix(path)
+    out, missing = {}, []
+    for i in range(spec.num_layers):
+        for linear, sources in IMATRIX_SOURCES.items():
+            found = next((data[f"blk.{i}.{s}.weight"] for s in sources if f"blk.{i}.{s}.weight" in data), None)
+            if found is None:
+                missing.append(f"layers.{i}/{linear}")
+                continue
+            sum2, count = found
+            out[f"layers.{i}/{linear}"] = (np.asarray(sum2) / max(count, 1)).astype(np.float32)
+    if "output.weight" in data:
+        sum2, count = data["output.weight"]
+        out["lm_head"] = (np.asarray(sum2) / max(count, 1)).astype(np.float32)
+    if missing:
+        raise ValueError(f"{path}: the importance matrix has no entry for {len(missing)} linear layer(s), "
+                         f"e.g. {missing[0]} (fix: recompute it for this model)")
+    return out

@@ -39,6 +39,12 @@ GRAPHS = {
 # MatMulNBits accuracy_level: the minimum precision its kernel computes in
 ACCURACY_LEVELS = {0: "unset (kernel default)", 1: "fp32", 2: "fp16", 3: "bf16", 4: "int8 (fastest on CPU)"}
 ACTIVATIONS_INT8 = ("dynamic", "static")
+LM_HEAD = {
+    "auto": "int8 for int8 and int4 precisions, the precision's float type otherwise",
+    "int8": "int8 blocks (MatMulNBits)",
+    "int4": "int4 blocks: smallest and fastest; costs the most quality on a small model",
+    "float": "the precision's float type (float32 for int8/int4)",
+}
 
 # The graph uses opset 17 by default, what onnxruntime-web and transformers.js run; later
 # opsets only change how Reduce ops take their axes, which the graph builder handles.
@@ -56,8 +62,9 @@ class OnnxExportConfig:
     block_size: int = 32  # values per quantisation block along the input dimension (16..256, power of two)
     symmetric: bool = True  # False: a zero point per block (asymmetric)
     accuracy_level: int = 4  # MatMulNBits compute precision, see ACCURACY_LEVELS
-    quantize_lm_head: bool = True  # the vocab projection is the largest matrix of a small model
+    lm_head: str = "auto"  # the vocab projection (the largest matrix of a small model): see LM_HEAD
     quantize_embedding: bool = False  # embedding table block-quantised too (GatherBlockQuantized)
+    imatrix: bool = False  # weight the int8/int4 scale search by the run's importance matrix
     activations: str = "dynamic"  # int8 only: activation scales at run time, or from calibration data
     genai: bool | None = None  # write genai_config.json (onnxruntime-genai / mobile apps); default: when the
     # model folder has its tokenizer files
@@ -75,7 +82,11 @@ class OnnxExportConfig:
         choice("graph", self.graph, GRAPHS)
         choice("accuracy_level", self.accuracy_level, ACCURACY_LEVELS)
         choice("activations", self.activations, ACTIVATIONS_INT8)
-        for key in ("symmetric", "quantize_lm_head", "quantize_embedding"):
+        choice("lm_head", self.lm_head, LM_HEAD)
+        if self.lm_head in ("int8", "int4") and self.spec.bits is None:
+            raise ValueError(f"`lm_head: {self.lm_head}` needs precision int8 or int4 (MatMulNBits), got "
+                             f"{self.precision!r}; use `lm_head: auto`")
+        for key in ("symmetric", "quantize_embedding", "imatrix"):
             flag(key, getattr(self, key))
         if self.genai is not None:
             flag("genai", self.genai)
@@ -87,6 +98,8 @@ class OnnxExportConfig:
         if self.spec.bits is not None and self.graph != "fused":
             raise ValueError(f"precision {self.precision!r} uses MatMulNBits, an onnxruntime kernel: it needs "
                              f"`graph: fused`, got {self.graph!r}")
+        if self.imatrix and self.spec.bits is None:
+            raise ValueError(f"`imatrix: true` applies to int8 and int4 only, got precision {self.precision!r}")
         if self.activations == "static" and self.precision != "int8":
             raise ValueError(f"`activations: static` applies to precision int8 only, got {self.precision!r}")
 
@@ -95,12 +108,23 @@ class OnnxExportConfig:
         return PRECISIONS[self.precision]
 
     @property
+    def lm_head_bits(self) -> int | None:
+        """Bits of the quantised LM head, or None for a float one."""
+        if self.spec.bits is None or self.lm_head == "float":
+            return None
+        return {"auto": 8, "int8": 8, "int4": 4}[self.lm_head]
+
+    @property
     def writes_genai(self) -> bool:
         return self.genai is not False
 
     @property
     def needs_calibration(self) -> bool:
         return self.activations == "static"
+
+    @property
+    def needs_imatrix(self) -> bool:
+        return self.imatrix
 
     @classmethod
     def coerce(cls, value: "OnnxExportConfig | dict | None") -> "OnnxExportConfig":

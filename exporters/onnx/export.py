@@ -75,12 +75,13 @@ def preflight(model_dir: str | Path, config: OnnxExportConfig | dict | None = No
 
 
 def export(model_dir: str | Path, out_dir: str | Path, config: OnnxExportConfig | dict | None = None,
-           calibration: str | Path | None = None) -> dict:
+           calibration: str | Path | None = None, imatrix: str | Path | None = None) -> dict:
     """Write ``model.onnx`` + ``model.onnx_data`` and the tokenizer files into ``out_dir`` (plus
     ``genai_config.json`` for onnxruntime-genai when the config asks for it).
 
     ``calibration``: the shared calibration sample (``calibration.json``), needed by int8 with
-    static activations. Returns the export's manifest: format, precision, opset, files,
+    static activations; ``imatrix``: the run's importance matrix, weighting the int8/int4 scale
+    search when the config asks for it. Returns the export's manifest: format, precision, opset, files,
     effective config, graph summary.
     """
     cfg = _config(config)
@@ -97,9 +98,17 @@ def export(model_dir: str | Path, out_dir: str | Path, config: OnnxExportConfig 
         from .calibrate import activation_ranges
 
         ranges = activation_ranges(model_dir, calibration, spec)
+    importance = None
+    if cfg.imatrix:
+        if imatrix is None:
+            raise PreflightError("onnx export with `imatrix: true` needs the run's importance matrix (fix: run it "
+                                 "through `edgesmith run`, which computes one, or pass imatrix=)")
+        from .calibrate import importance_from_imatrix
+
+        importance = importance_from_imatrix(imatrix, spec)
     weights = family.load_weights(model_dir, spec)
     if cfg.graph == "fused":
-        builder = FusedDecoderGraph(spec, cfg, ranges)
+        builder = FusedDecoderGraph(spec, cfg, ranges, importance)
         graph = builder.build(weights)
         quantized = builder.quant_summary
     else:

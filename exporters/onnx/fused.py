@@ -75,16 +75,20 @@ def check(spec: DecoderSpec) -> None:
 class FusedDecoderGraph:
     """Builds the fused decoder graph for one spec and export config.
 
+    ``importance`` (from an importance matrix): linear name -> mean squared input per column,
+    weighting the quantiser's per-block scale search (``quant.quantize_blocks``).
     ``activation_ranges`` (int8 with static activations): linear input name -> (min, max)
     measured on calibration data; see ``calibrate.py``.
     """
 
-    def __init__(self, spec: DecoderSpec, cfg: OnnxExportConfig, activation_ranges: dict | None = None):
+    def __init__(self, spec: DecoderSpec, cfg: OnnxExportConfig, activation_ranges: dict | None = None,
+                 importance: dict | None = None):
         self.spec, self.cfg = spec, cfg
         self.float = cfg.spec.compute_elem_type
         self.np_float = np.float16 if self.float == TensorProto.FLOAT16 else np.float32
         self.g = GraphBuilder(f"{spec.model_type}_decoder_fused", cfg.opset)
         self.ranges = activation_ranges or {}
+        self.importance = importance or {}  # linear name -> mean x^2 per input column (an importance matrix)
         self.quant_summary: dict[str, int] = {}
         self.ropes: dict[tuple[float, float], tuple[str, str]] = {}  # (theta, factor) -> (cos, sin) caches
         check(spec)
@@ -93,14 +97,16 @@ class FusedDecoderGraph:
     def weight(self, name: str, array: np.ndarray) -> str:
         return self.g.initializer(name, np.asarray(array, dtype=self.cfg.spec.weight_dtype))
 
-    def linear(self, x: str, w: np.ndarray, bias: np.ndarray | None, name: str, quantize: bool = True) -> str:
-        """``x @ w.T + bias`` with ``w`` in Hugging Face ``[out, in]`` layout."""
+    def linear(self, x: str, w: np.ndarray, bias: np.ndarray | None, name: str, bits: int | None | str = "default") -> str:
+        """``x @ w.T + bias`` with ``w`` in Hugging Face ``[out, in]`` layout, quantised to the
+        precision's bits unless ``bits`` says otherwise (None: plain float)."""
         g, cfg = self.g, self.cfg
-        bits = cfg.spec.bits if quantize else None
+        bits = cfg.spec.bits if bits == "default" else bits
         if bits is not None and cfg.activations == "static" and name in self.ranges:
             y = self.static_int8_linear(x, w, name)
         elif bits is not None:
-            bq = quantize_blocks(w, bits, cfg.block_size, cfg.symmetric, self.np_float)
+            bq = quantize_blocks(w, bits, cfg.block_size, cfg.symmetric, self.np_float,
+                                 importance=self.importance.get(name))
             ins = [x, g.initializer(f"{name}.qweight", bq.packed), g.initializer(f"{name}.scales", bq.scales.reshape(-1))]
             if bq.zero_points is not None:
                 ins.append(g.initializer(f"{name}.zero_points", bq.zero_points.reshape(-1)))
@@ -216,8 +222,9 @@ class FusedDecoderGraph:
 
     def lm_head(self, x: str, weights: DecoderWeights, out: str) -> str:
         w = weights.embed if weights.lm_head is None else weights.lm_head
-        if self.cfg.spec.bits is not None and self.cfg.quantize_lm_head:
-            logits = self.linear(x, w, None, "lm_head", quantize=True)
+        bits = self.cfg.lm_head_bits
+        if bits is not None:
+            logits = self.linear(x, w, None, "lm_head", bits=bits)
             return self.g.op("Identity", [logits], outputs=[out])
         # plain float: MatMul on a transposed copy ([hidden, vocab]) beats Gemm(transB) + reshapes
         return self.g.op("MatMul", [x, self.weight("lm_head.weight", np.ascontiguousarray(w.T))], outputs=[out])

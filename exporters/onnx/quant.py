@@ -15,9 +15,11 @@ Layouts, for ``n_blocks = ceil(K / block_size)`` (K is zero-padded up to a whole
 ``GatherBlockQuantized`` (com.microsoft) reads the same bytes as ``[N, K * bits / 8]`` for an
 embedding table quantised along its hidden axis.
 
-Symmetric blocks map the value of largest magnitude to ``-2**(bits-1)`` exactly (the scale takes
-its sign), so one more level is used than with ``max|w| / (2**(bits-1) - 1)``; asymmetric blocks
-span ``[min, max]`` (widened to include 0, so zero stays exact) over ``0 .. 2**bits - 1``.
+Symmetric blocks start from mapping the value of largest magnitude to ``-2**(bits-1)`` (the scale
+takes its sign), so one more level is used than with ``max|w| / (2**(bits-1) - 1)``; asymmetric
+blocks start from ``[min, max]`` (widened to include 0, so zero stays exact) over
+``0 .. 2**bits - 1``. From there a small search over the scale keeps the one with the least
+squared error per block (see ``SCALE_SEARCH``).
 """
 from __future__ import annotations
 
@@ -64,9 +66,43 @@ def _unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     return out
 
 
+# Scale multipliers tried per block (1.0 is plain round-to-nearest from the block's range). A
+# slightly smaller scale clips the largest value a little and resolves every other value more
+# finely, which often lowers the block's error; the search keeps whichever scale gives each block
+# the least (importance-weighted) squared error, as llama.cpp's quantisers do.
+SCALE_SEARCH = tuple(np.round(np.linspace(0.80, 1.0, 11), 3))
+
+
+def _search_scales(blocks, base, lo, levels, symmetric, weights, scale_dtype, search):
+    """Per block, the candidate scale (``base * f``) and zero point with the least weighted error.
+    Scales are rounded to ``scale_dtype`` before use, so fp16 scales do not add a second rounding."""
+    best_err = best_scale = best_zero = None
+    for f in (SCALE_SEARCH if search else (1.0,)):
+        scale = (base * f).astype(scale_dtype).astype(np.float32)
+        safe = np.where(scale == 0, 1, scale)
+        if symmetric:
+            zero = np.full(scale.shape, levels // 2, dtype=np.float32)
+        else:
+            zero = np.clip(np.round(-lo / safe), 0, levels - 1)
+        q = np.clip(np.round(blocks / safe[..., None]) + zero[..., None], 0, levels - 1)
+        diff = (q - zero[..., None]) * scale[..., None] - blocks
+        err = (diff * diff * weights).sum(-1) if weights is not None else (diff * diff).sum(-1)
+        if best_err is None:
+            best_err, best_scale, best_zero = err, scale, zero
+        else:
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            best_scale = np.where(better, scale, best_scale)
+            best_zero = np.where(better, zero, best_zero)
+    return best_scale.astype(scale_dtype), best_zero
+
+
 def quantize_blocks(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetric: bool = True,
-                    scale_dtype=np.float32) -> BlockQuantized:
-    """Quantise ``w`` (``[N, K]``, float) block-wise along K. See the module docstring."""
+                    scale_dtype=np.float32, search: bool = True, importance: np.ndarray | None = None) -> BlockQuantized:
+    """Quantise ``w`` (``[N, K]``, float) block-wise along K. See the module docstring.
+
+    ``search``: try the scales in ``SCALE_SEARCH`` per block and keep the best; ``importance``
+    (``[K]``): weights of each input column in that error (an importance matrix's values)."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
     if block_size < 16 or block_size & (block_size - 1):
@@ -81,15 +117,18 @@ def quantize_blocks(w: np.ndarray, bits: int = 4, block_size: int = 32, symmetri
     if symmetric:
         idx = np.abs(blocks).argmax(axis=-1)[..., None]
         extreme = np.take_along_axis(blocks, idx, axis=-1)[..., 0]  # signed value of largest magnitude
-        scales = extreme / -(levels // 2)
-        zero = np.full(scales.shape, levels // 2, dtype=np.float32)
+        base = extreme / -(levels // 2)
+        lo = None
     else:
         lo = np.minimum(blocks.min(axis=-1), 0.0)
         hi = np.maximum(blocks.max(axis=-1), 0.0)
-        scales = (hi - lo) / (levels - 1)
-        zero = np.clip(np.round(-lo / np.where(scales == 0, 1, scales)), 0, levels - 1)
-    scales = scales.astype(scale_dtype)
-    # quantise against the scale as stored, so fp16 scales do not add a second rounding
+        base = (hi - lo) / (levels - 1)
+    weights = None
+    if importance is not None:  # per input column, e.g. mean squared activation (an importance matrix)
+        imp = np.zeros(n_blocks * block_size, dtype=np.float32)
+        imp[:k] = np.asarray(importance, dtype=np.float32)
+        weights = imp.reshape(1, n_blocks, block_size)
+    scales, zero = _search_scales(blocks, base, lo, levels, symmetric, weights, scale_dtype, search)
     safe = np.where(scales == 0, 1, scales).astype(np.float32)[..., None]
     q = np.clip(np.round(blocks / safe) + zero[..., None], 0, levels - 1).astype(np.uint8)
     packed = _pack_nibbles(q) if bits == 4 else q

@@ -65,16 +65,22 @@ def onnx_logits(out, ids) -> np.ndarray:
     return logits
 
 
-def dequantised_model(model, bits: int, block: int, symmetric: bool, lm_head: bool):
-    """The transformers model with every linear weight replaced by its quantise-dequantise copy."""
+def dequantised_model(model, bits: int, block: int, symmetric: bool, lm_head_bits: int | None,
+                      importance: dict | None = None):
+    """The transformers model with every linear weight replaced by its quantise-dequantise copy
+    (``importance``: module name -> per-column weights given to the quantiser)."""
     twin = copy.deepcopy(model)
     twin.config.tie_word_embeddings = False
     twin.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
     for name, module in twin.named_modules():
-        if isinstance(module, torch.nn.Linear) and (lm_head or name != "lm_head"):
-            w = module.weight.detach().numpy()
-            deq = dequantize_blocks(quantize_blocks(w, bits, block, symmetric))
-            module.weight = torch.nn.Parameter(torch.from_numpy(deq))
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        b = lm_head_bits if name == "lm_head" else bits
+        if b is None:
+            continue
+        w = module.weight.detach().numpy()
+        deq = dequantize_blocks(quantize_blocks(w, b, block, symmetric, importance=(importance or {}).get(name)))
+        module.weight = torch.nn.Parameter(torch.from_numpy(deq))
     return twin
 
 
@@ -87,11 +93,12 @@ def test_block_layout_matches_matmulnbits_kernel(bits, symmetric, block, k):
     w = rng.standard_normal((n, k)).astype(np.float32)
     w[0, :block] = 0.0  # an all-zero block must not divide by zero
     x = rng.standard_normal((3, k)).astype(np.float32)
-    bq = quantize_blocks(w, bits, block, symmetric)
+    plain = dequantize_blocks(quantize_blocks(w, bits, block, symmetric, search=False))
+    step = np.abs(w).max() / (2 ** (bits - 1) - 1)
+    assert np.abs(plain - w).max() <= step, "round-to-nearest error above one quantisation step"
+    bq = quantize_blocks(w, bits, block, symmetric)  # with the scale search (may clip the extreme value)
     deq = dequantize_blocks(bq)
     assert deq.shape == w.shape and np.all(deq[0, :block] == 0)
-    step = np.abs(w).max() / (2 ** (bits - 1) - 1)
-    assert np.abs(deq - w).max() <= step, "rounding error above one quantisation step"
     inits = [numpy_helper.from_array(bq.packed, "B"), numpy_helper.from_array(bq.scales.reshape(-1), "S")]
     if bq.zero_points is not None:
         inits.append(numpy_helper.from_array(bq.zero_points.reshape(-1), "Z"))
@@ -110,11 +117,11 @@ def test_int_graph_equals_transformers_on_dequantised_weights(tiny, bits, block,
     precision = f"int{bits}"
     out = root / f"{precision}-{block}-{symmetric}"
     manifest = export(root / "hf", out, {"precision": precision, "block_size": block, "symmetric": symmetric,
-                                         "accuracy_level": 1, "genai": False})
+                                         "accuracy_level": 1, "lm_head": precision, "genai": False})
     # q/k/v fused, gate/up fused, o, down per layer, and the LM head
     assert manifest["graph"]["quantized_linears"] == {f"MatMulNBits{bits}": 4 * TINY["num_hidden_layers"] + 1}
     ids = random_ids(SEQ)
-    ref = dequantised_model(model, bits, block, symmetric, lm_head=True)
+    ref = dequantised_model(model, bits, block, symmetric, lm_head_bits=bits)
     with torch.no_grad():
         expected = ref(torch.as_tensor(ids)[None]).logits[0].numpy()
     np.testing.assert_allclose(onnx_logits(out, ids), expected, atol=TOLERANCES["dequant_logits_atol"], rtol=0)
@@ -123,18 +130,70 @@ def test_int_graph_equals_transformers_on_dequantised_weights(tiny, bits, block,
 def test_float_lm_head_and_quantised_embedding(tiny):
     model, root = tiny
     out = root / "int4-embed"
-    manifest = export(root / "hf", out, {"precision": "int4", "accuracy_level": 1, "quantize_lm_head": False,
+    manifest = export(root / "hf", out, {"precision": "int4", "accuracy_level": 1, "lm_head": "float",
                                          "quantize_embedding": True, "genai": False})
     ops = manifest["graph"]["op_types"]
     assert ops["GatherBlockQuantized"] == 1 and "Gather" not in ops
     assert manifest["graph"]["quantized_linears"] == {"MatMulNBits4": 4 * TINY["num_hidden_layers"]}
-    ref = dequantised_model(model, 4, 32, True, lm_head=False)
+    ref = dequantised_model(model, 4, 32, True, lm_head_bits=None)
     table = model.model.embed_tokens.weight.detach().numpy()
     ref.model.embed_tokens.weight = torch.nn.Parameter(torch.from_numpy(dequantize_blocks(quantize_blocks(table, 4, 32))))
     ids = random_ids(SEQ, seed=3)
     with torch.no_grad():
         expected = ref(torch.as_tensor(ids)[None]).logits[0].numpy()
     np.testing.assert_allclose(onnx_logits(out, ids), expected, atol=TOLERANCES["dequant_logits_atol"], rtol=0)
+
+
+def test_default_int4_keeps_an_int8_lm_head(tiny):
+    model, root = tiny
+    manifest = export(root / "hf", root / "int4-default", {"precision": "int4", "accuracy_level": 1, "genai": False})
+    assert manifest["graph"]["quantized_linears"] == {"MatMulNBits4": 4 * TINY["num_hidden_layers"], "MatMulNBits8": 1}
+    ids = random_ids(SEQ, seed=6)
+    with torch.no_grad():
+        expected = dequantised_model(model, 4, 32, True, lm_head_bits=8)(torch.as_tensor(ids)[None]).logits[0].numpy()
+    np.testing.assert_allclose(onnx_logits(root / "int4-default", ids), expected,
+                               atol=TOLERANCES["dequant_logits_atol"], rtol=0)
+
+
+def test_scale_search_and_importance_lower_the_error_they_target():
+    rng = np.random.default_rng(7)
+    w = rng.standard_normal((64, 256)).astype(np.float32)
+    w[:, ::37] *= 8  # outliers, as real weight rows have
+    importance = rng.gamma(0.5, 1.0, size=256).astype(np.float32)  # a few columns matter most
+    err = lambda bq, imp=None: float((((dequantize_blocks(bq) - w) ** 2) * (1 if imp is None else imp)).sum())  # noqa: E731
+    for symmetric in (True, False):
+        plain = quantize_blocks(w, 4, 32, symmetric, search=False)
+        searched = quantize_blocks(w, 4, 32, symmetric)
+        weighted = quantize_blocks(w, 4, 32, symmetric, importance=importance)
+        assert err(searched) <= err(plain)
+        assert err(weighted, importance) <= err(searched, importance)
+        assert err(weighted, importance) < 0.95 * err(plain, importance)
+
+
+def test_imatrix_weights_the_quantiser(tiny, tmp_path):
+    from exporters.gguf.imatrix import compute_imatrix, save_imatrix
+
+    model, root = tiny
+    batches = [random_ids(32, seed=s).tolist() for s in range(4)]
+    data = compute_imatrix(root / "hf", batches, family="llama")
+    save_imatrix(data, tmp_path / "imatrix.gguf")
+    out = root / "int4-imatrix"
+    export(root / "hf", out, {"precision": "int4", "symmetric": False, "accuracy_level": 1, "imatrix": True,
+                              "genai": False}, imatrix=tmp_path / "imatrix.gguf")
+    gguf_names = {"q_proj": "attn_q", "k_proj": "attn_q", "v_proj": "attn_q", "o_proj": "attn_output",
+                  "gate_proj": "ffn_gate", "up_proj": "ffn_gate", "down_proj": "ffn_down"}
+    importance = {}
+    for i in range(TINY["num_hidden_layers"]):
+        for part in ("self_attn", "mlp"):
+            for proj, gguf in gguf_names.items():
+                sum2, count = data[f"blk.{i}.{gguf}.weight"]
+                importance[f"model.layers.{i}.{part}.{proj}"] = (np.asarray(sum2) / count).astype(np.float32)
+    ids = random_ids(SEQ, seed=8)
+    with torch.no_grad():
+        expected = dequantised_model(model, 4, 32, False, 8, importance)(torch.as_tensor(ids)[None]).logits[0].numpy()
+    np.testing.assert_allclose(onnx_logits(out, ids), expected, atol=TOLERANCES["dequant_logits_atol"], rtol=0)
+    with pytest.raises(PreflightError, match="importance matrix"):
+        export(root / "hf", tmp_path / "no-imatrix", {"precision": "int4", "imatrix": True, "genai": False})
 
 
 @pytest.mark.parametrize("precision, options, tolerance", [
@@ -181,6 +240,8 @@ def test_static_int8_uses_calibrated_ranges(tiny, tmp_path):
     ({"precision": "fp32", "activations": "static"}, "int8 only"),
     ({"genai": "yes"}, "`genai` must be true or false"),
     ({"precison": "int4"}, "unknown ONNX export option"),
+    ({"precision": "fp16", "lm_head": "int8"}, "needs precision int8 or int4"),
+    ({"precision": "fp32", "imatrix": True}, "int8 and int4 only"),
 ])
 def test_config_errors_name_the_option(options, words):
     with pytest.raises((ValueError, TypeError)) as err:
