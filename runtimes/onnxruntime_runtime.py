@@ -116,13 +116,17 @@ class OnnxRuntime(Runtime):
             for new, old in zip(grown, buffers):
                 new[:, :, :start] = old[:, :, :start]
             buffers = grown
-        binding = self.session.io_binding()
+        cached = getattr(self, "_binding", None)
+        if cached is None or cached[0] is not buffers:  # bind the cache once per set of buffers
+            binding = self.session.io_binding()
+            for past, present, array in zip(self.past_names, self.present_names, buffers):
+                value = ort.OrtValue.ortvalue_from_numpy(array)
+                binding.bind_ortvalue_input(past, value)
+                binding.bind_ortvalue_output(present, value)
+            self._binding = cached = (buffers, binding)
+        binding = cached[1]
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
-        for past, present, array in zip(self.past_names, self.present_names, buffers):
-            value = ort.OrtValue.ortvalue_from_numpy(array)
-            binding.bind_ortvalue_input(past, value)
-            binding.bind_ortvalue_output(present, value)
         logits = np.empty((1, n, self.vocab), dtype=self.logits_dtype)
         binding.bind_output("logits", "cpu", 0, self.logits_dtype, list(logits.shape), logits.ctypes.data)
         self.session.run_with_iobinding(binding)
