@@ -117,13 +117,13 @@ class OnnxRuntime(Runtime):
                 new[:, :, :start] = old[:, :, :start]
             buffers = grown
         cached = getattr(self, "_binding", None)
-        if cached is None or cached[0] is not buffers:  # bind the cache once per set of buffers
+        if cached is None or cached[0] is not buffers or cached[2] is not self.session:  # once per set of buffers
             binding = self.session.io_binding()
             for past, present, array in zip(self.past_names, self.present_names, buffers):
                 value = ort.OrtValue.ortvalue_from_numpy(array)
                 binding.bind_ortvalue_input(past, value)
                 binding.bind_ortvalue_output(present, value)
-            self._binding = cached = (buffers, binding)
+            self._binding = cached = (buffers, binding, self.session)
         binding = cached[1]
         binding.bind_cpu_input("input_ids", ids)
         binding.bind_cpu_input("attention_mask", np.ones((1, total), dtype=np.int64))
