@@ -27,7 +27,6 @@ the attention and MLP outputs, GELU-tanh, a scaled embedding and final logit sof
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -42,7 +41,7 @@ from toolchain.errors import PreflightError
 
 from .config import OnnxExportConfig
 from .families import DecoderSpec, DecoderWeights, family_for
-from .fused import FusedDecoderGraph, gelu_tanh
+from .fused import FusedDecoderGraph, finish_decoder, gelu_tanh
 from .fused import check as check_fused
 from .graph import GraphBuilder
 
@@ -406,11 +405,4 @@ class DecoderGraph:
         if cap is not None:
             logits = self.softcap(logits, cap, "logits")
 
-        g.output(logits, f, ["batch_size", "sequence_length", s.vocab_size])
-        present_shape = ["batch_size", s.num_kv_heads, "total_sequence_length", s.head_dim]
-        for i in range(s.num_layers):
-            g.output(f"present.{i}.key", f, present_shape)
-            g.output(f"present.{i}.value", f, present_shape)
-        g.metadata["edgesmith.effective_config"] = json.dumps(s.to_dict(), sort_keys=True)
-        g.metadata["edgesmith.precision"] = self.cfg.precision
-        return g
+        return finish_decoder(g, s, self.cfg, logits, f)

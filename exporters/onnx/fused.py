@@ -84,6 +84,20 @@ def check(spec: DecoderSpec) -> None:
                                  f"multiple of {multiple}, got {value} (fix: `graph: standard` for this model)")
 
 
+def finish_decoder(g: GraphBuilder, spec: DecoderSpec, cfg: OnnxExportConfig, logits: str, elem_type: int) -> GraphBuilder:
+    """Declare the decoder's outputs (``logits``, ``present.{i}.key|value``) and record the
+    effective config and export options in the model's metadata; shared by both graphs."""
+    g.output(logits, elem_type, ["batch_size", "sequence_length", spec.vocab_size])
+    present_shape = ["batch_size", spec.num_kv_heads, "total_sequence_length", spec.head_dim]
+    for i in range(spec.num_layers):
+        g.output(f"present.{i}.key", elem_type, present_shape)
+        g.output(f"present.{i}.value", elem_type, present_shape)
+    g.metadata["edgesmith.effective_config"] = json.dumps(spec.to_dict(), sort_keys=True)
+    g.metadata["edgesmith.precision"] = cfg.precision
+    g.metadata["edgesmith.export_config"] = json.dumps(cfg.to_dict(), sort_keys=True)
+    return g
+
+
 class FusedDecoderGraph:
     """Builds the fused decoder graph for one spec and export config.
 
@@ -283,12 +297,4 @@ class FusedDecoderGraph:
         if cap is not None:
             logits = self.softcap(logits, cap, "logits")
 
-        g.output(logits, f, ["batch_size", "sequence_length", s.vocab_size])
-        present_shape = ["batch_size", s.num_kv_heads, "total_sequence_length", s.head_dim]
-        for i in range(s.num_layers):
-            g.output(f"present.{i}.key", f, present_shape)
-            g.output(f"present.{i}.value", f, present_shape)
-        g.metadata["edgesmith.effective_config"] = json.dumps(s.to_dict(), sort_keys=True)
-        g.metadata["edgesmith.precision"] = self.cfg.precision
-        g.metadata["edgesmith.export_config"] = json.dumps(self.cfg.to_dict(), sort_keys=True)
-        return g
+        return finish_decoder(g, s, self.cfg, logits, f)

@@ -24,6 +24,13 @@ SILU = ("silu", "swish")
 BIAS = "bias."  # role prefix of a bias: "bias.q" fills LayerWeights.bias["q"]
 
 
+def check_model_type(config: dict, model_types: tuple[str, ...], family: str) -> None:
+    """PreflightError unless config.json's ``model_type`` belongs to ``family``."""
+    if config.get("model_type") not in model_types:
+        raise refuse(f"`model_type` must be one of {model_types} for the {family} family", config.get("model_type"),
+                     "use the family that matches model_type")
+
+
 def read_common(config: dict, *, act_key: str = "hidden_act", acts: tuple[str, ...] = SILU,
                 head_dim_default: int | None = None) -> dict:
     """``DecoderSpec`` keyword arguments every family reads the same way (rope excluded)."""

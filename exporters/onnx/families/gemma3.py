@@ -28,7 +28,7 @@ from exporters.hf import ROPE_DEFAULT, Rope, positive_int, refuse
 from exporters.hf import read_rope as hf_read_rope
 
 from . import FULL, LAYER_TYPES, SLIDING, DecoderSpec, DecoderWeights
-from .common import Tensor, linear_tensors, load_decoder, read_common
+from .common import check_model_type, Tensor, linear_tensors, load_decoder, read_common
 from .llama import PROJECTIONS
 
 MODEL_TYPES = ("gemma3_text", "gemma3")
@@ -100,9 +100,7 @@ def layer_types(config: dict, num_layers: int) -> tuple[str, ...]:
 
 
 def read_spec(config: dict) -> DecoderSpec:
-    if config.get("model_type") not in MODEL_TYPES:
-        raise refuse(f"`model_type` must be one of {MODEL_TYPES} for the Gemma3 family", config.get("model_type"),
-                     "use the family that matches model_type")
+    check_model_type(config, MODEL_TYPES, "Gemma3")
     config = text_config(config)
     common = read_common(config, act_key="hidden_activation", acts=("gelu_pytorch_tanh",),
                          head_dim_default=DEFAULT_HEAD_DIM)

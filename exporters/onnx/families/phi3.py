@@ -20,7 +20,7 @@ from exporters.hf import positive_int, refuse
 from exporters.hf import read_rope as hf_read_rope
 
 from . import DecoderSpec, DecoderWeights
-from .common import Tensor, default_rope, load_decoder, read_common
+from .common import check_model_type, Tensor, default_rope, load_decoder, read_common
 
 MODEL_TYPES = ("phi3",)
 LONGROPE_NAMES = ("longrope", "su", "yarn")  # transformers maps all three to longrope for phi3
@@ -28,9 +28,7 @@ NORMS = {"input_norm": "input_layernorm", "post_attention_norm": "post_attention
 
 
 def read_spec(config: dict) -> DecoderSpec:
-    if config.get("model_type") not in MODEL_TYPES:
-        raise refuse(f"`model_type` must be one of {MODEL_TYPES} for the Phi3 family", config.get("model_type"),
-                     "use the family that matches model_type")
+    check_model_type(config, MODEL_TYPES, "Phi3")
     common = read_common(config)
     rope = hf_read_rope(config)
     if rope.rope_type in LONGROPE_NAMES:

@@ -12,7 +12,7 @@ from pathlib import Path
 from exporters.hf import positive_int, refuse
 
 from . import FULL, LAYER_TYPES, SLIDING, DecoderSpec, DecoderWeights
-from .common import Tensor, default_rope, linear_tensors, load_decoder, read_common
+from .common import check_model_type, Tensor, default_rope, linear_tensors, load_decoder, read_common
 from .llama import NORMS, PROJECTIONS
 
 MODEL_TYPES = ("qwen2",)
@@ -38,9 +38,7 @@ def layer_types(config: dict, num_layers: int, window: int | None) -> tuple[str,
 
 
 def read_spec(config: dict) -> DecoderSpec:
-    if config.get("model_type") not in MODEL_TYPES:
-        raise refuse(f"`model_type` must be one of {MODEL_TYPES} for the Qwen2 family", config.get("model_type"),
-                     "use the family that matches model_type")
+    check_model_type(config, MODEL_TYPES, "Qwen2")
     common = read_common(config)
     window = config.get("sliding_window") if config.get("use_sliding_window") else None
     if window is not None:
