@@ -295,7 +295,8 @@ def _ratios_section(bench: list[dict], anchor: dict) -> tuple:
                 a, b = _decode_median(r, key), _decode_median(base, key)
                 cells.append(f"{a / b:.2f}x" if a and b else DASH)
         rows.append(cells)
-    note = (f"Medians of the same run, same threads. Anchor: {fmt_value(anchor.get('target'))} "
+    note = (f"Medians, same threads and settings (a stage reused from the cache keeps the figures it measured "
+            f"then; --force bench re-measures every row together). Anchor: {fmt_value(anchor.get('target'))} "
             "(llama.cpp Q4_0); above 1.00x the ONNX target is faster. benchmarks/onnx_speed.py adds the obvious "
             "path (optimum export + onnxruntime quantize_dynamic) and a per-operator profile.")
     headers = ["Target", "Runtime", "Decode vs Q4_0", "Prefill vs Q4_0", "Decode vs torch", "Prefill vs torch"]
