@@ -41,6 +41,7 @@ class KVState:
     shared: bool = False
     spent: bool = False  # a shared state that a later decode has advanced
 
+
 INITIAL_CAPACITY = 256
 
 

@@ -203,7 +203,6 @@ def rope_tables(spec: DecoderSpec, theta: float | None = None, factor: float = 1
     return np.cos(emb).astype(np.float32), np.sin(emb).astype(np.float32)
 
 
-
 class DecoderGraph:
     """Builds the decoder graph for one spec and export config."""
 

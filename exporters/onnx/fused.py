@@ -120,6 +120,10 @@ class FusedDecoderGraph:
         check(spec)
 
     # -- weights ------------------------------------------------------------------------------
+    def _count(self, kernel: str) -> None:
+        """Tally quantised linears by kernel, for the export manifest."""
+        self.quant_summary[kernel] = self.quant_summary.get(kernel, 0) + 1
+
     def weight(self, name: str, array: np.ndarray) -> str:
         return self.g.initializer(name, np.asarray(array, dtype=self.cfg.spec.weight_dtype))
 
@@ -138,7 +142,7 @@ class FusedDecoderGraph:
                 ins.append(g.initializer(f"{name}.zero_points", bq.zero_points.reshape(-1)))
             y = g.op("MatMulNBits", ins, name=name, domain=MS, K=bq.k, N=bq.n, bits=bits,
                      block_size=cfg.block_size, accuracy_level=cfg.accuracy_level)
-            self.quant_summary[f"MatMulNBits{bits}"] = self.quant_summary.get(f"MatMulNBits{bits}", 0) + 1
+            self._count(f"MatMulNBits{bits}")
         else:
             y = g.op("MatMul", [x, self.weight(f"{name}.weight", np.ascontiguousarray(w.T))], name=name)
         if bias is not None:
@@ -160,7 +164,7 @@ class FusedDecoderGraph:
         y = g.op("MatMulIntegerToFloat", [xq, g.initializer(f"{name}.qweight", np.ascontiguousarray(wq.T)),
                                           g.const(a_scale, np.float32), g.initializer(f"{name}.scales", w_scale),
                                           g.const(a_zero, np.uint8)], name=name, domain=MS)
-        self.quant_summary["MatMulIntegerToFloat"] = self.quant_summary.get("MatMulIntegerToFloat", 0) + 1
+        self._count("MatMulIntegerToFloat")
         return y
 
     # -- blocks -------------------------------------------------------------------------------
