@@ -49,7 +49,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def dir_size_mb(path: Path) -> float:
+def dir_size_mb(path) -> float:
+    """Size of a file, a folder (recursively) or a list of them, in MiB."""
+    if isinstance(path, (list, tuple)):
+        return sum(dir_size_mb(p) for p in path)
     path = Path(path)
     if path.is_file():
         return path.stat().st_size / 2**20
@@ -77,7 +80,7 @@ class Runtime(ABC):
     def decode(self, state: Any, token: int) -> tuple[np.ndarray, Any]: ...
 
     def artifact_files(self) -> Path:
-        """What counts as the artifact's size on disk (the directory by default)."""
+        """What counts as the artifact's size on disk: a path or a list of paths (the directory by default)."""
         return self.artifact_dir
 
     # -- shared behaviour ---------------------------------------------------------------------

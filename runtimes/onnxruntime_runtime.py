@@ -62,7 +62,7 @@ class OnnxRuntime(Runtime):
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        path = self.artifact_dir / MODEL_FILE
+        path = self.model_path()
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: is {self.artifact_dir} an ONNX export?")
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
@@ -87,8 +87,21 @@ class OnnxRuntime(Runtime):
         self.shared_kv = uses_group_query_attention(path) and not self.options.get("no_shared_kv", False)
         self.vocab = self.session.get_outputs()[0].shape[-1]
 
+    def model_path(self):
+        """``model.onnx``, or the ``model_file`` option (relative to the artifact: a browser bundle's
+        ``models/<id>/onnx/model_q4.onnx``, so native and browser runtimes measure the same file)."""
+        return self.artifact_dir / self.options.get("model_file", MODEL_FILE)
+
+    def artifact_files(self):
+        if "model_file" not in self.options:
+            return self.artifact_dir
+        path = self.model_path()  # the graph and its external data, not the rest of a bundle
+        return [path, *sorted(path.parent.glob(path.name + "_data*"))]
+
     def _kv_layout_from_config(self) -> tuple[int, int]:
-        config = json.loads((self.artifact_dir / "config.json").read_text())
+        path = self.model_path()
+        folder = next((d for d in (path.parent, path.parent.parent) if (d / "config.json").is_file()), path.parent)
+        config = json.loads((folder / "config.json").read_text())
         heads = config["num_attention_heads"]
         kv_heads = config.get("num_key_value_heads", heads)
         head_dim = config.get("head_dim") or config["hidden_size"] // heads

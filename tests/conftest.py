@@ -52,6 +52,50 @@ def build_tiny_llama(out: Path, tokenizer, *, hidden: int = 64, layers: int = 2,
     return out
 
 
+def spread_weights(hf_dir: Path, seed: int = 1) -> None:
+    """Re-draw a tiny Llama's weights at unit scale. At the default init (std 0.02) a tiny model just
+    repeats its last input token, so a broken KV cache or mask would still match greedy output;
+    with unit-variance layers the continuation depends on the whole context."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf_dir)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:  # embeddings: std 1; linears: std 1/sqrt(fan_in), variance preserving
+                std = 1.0 if "embed_tokens" in name else p.shape[1] ** -0.5
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    model.save_pretrained(hf_dir)
+
+
+def build_spread_llama(out: Path, texts: list[str]):
+    """A tiny untied Llama with unit-scale weights and a ChatML tokenizer saved the way edgesmith
+    saves models (chat template inside tokenizer_config.json); returns the tokenizer."""
+    from toolchain.models import patch_config, save_tokenizer
+
+    tok = build_tokenizer(out, texts)
+    build_tiny_llama(out, tok, tie=False)
+    spread_weights(out)
+    save_tokenizer(tok, out)
+    patch_config(out)
+    return tok
+
+
+def browser_tools_or_skip() -> None:
+    """Skip when node, chromium or web/node_modules are missing, unless EDGESMITH_REQUIRE_BROWSER
+    is set (CI sets it: there a missing browser is a broken install, not a reason to skip)."""
+    import os
+
+    from runtimes.browser_runtime import missing_tools
+
+    missing = missing_tools()
+    if missing and os.environ.get("EDGESMITH_REQUIRE_BROWSER"):
+        pytest.fail(f"EDGESMITH_REQUIRE_BROWSER is set but the browser runtime lacks: {'; '.join(missing)}")
+    if missing:
+        pytest.skip(f"browser runtime unavailable: {'; '.join(missing)}")
+
+
 @pytest.fixture(scope="session")
 def dates_rows() -> list[dict]:
     with open(REPO / "examples" / "data" / "dates.jsonl") as f:
@@ -65,4 +109,12 @@ def tiny_model_dir(tmp_path_factory, dates_rows) -> Path:
     texts = [m["content"] for r in dates_rows for m in r["messages"]]
     tok = build_tokenizer(out, texts)
     build_tiny_llama(out, tok)
+    return out
+
+
+@pytest.fixture(scope="session")
+def spread_model_dir(tmp_path_factory, dates_rows) -> Path:
+    """A tiny untied Llama with unit-scale weights (greedy output depends on the whole context)."""
+    out = tmp_path_factory.mktemp("spread-llama")
+    build_spread_llama(out, [m["content"] for r in dates_rows for m in r["messages"]])
     return out

@@ -36,6 +36,10 @@ def run_job(job: dict) -> dict:
                                      ref["greedy_outputs"], greedy)
     out = result.to_dict()
     out["greedy_outputs"] = greedy
+    if getattr(rt, "precision", None):  # a runtime that picks its own file (a browser bundle's dtype)
+        out["precision"] = rt.precision
+    if hasattr(rt, "close"):
+        rt.close()
     return out
 
 

@@ -22,14 +22,20 @@ class Entry:
     config: str | None = None  # "package.module:ConfigClass" validating the recipe's options
     needs: tuple[str, ...] = ()  # extra stage inputs passed to the exporter: calibration, imatrix, adapter
     install: str | None = None  # how to install what it needs, when a pip extra is not enough
+    tools: str | None = None  # "module:function" listing missing non-Python tools (node, chromium), each with its fix
 
     def install_hint(self) -> str:
         if self.install:
             return self.install
+        if self.tools:
+            return "the fix is given beside each missing tool"
         return f"pip install 'edgesmith[{self.extra}]'" if self.extra else f"pip install {' '.join(self.missing())}"
 
     def missing(self) -> list[str]:
-        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        if not missing and self.tools:
+            missing += _resolve(self.tools)()
+        return missing
 
     def installed(self) -> bool:
         return not self.missing()
@@ -91,6 +97,10 @@ EXPORTERS = Registry("exporter", [
     Entry("gguf-lora", "exporters.gguf.lora:export", None, ("gguf",),
           "the LoRA adapter as a GGUF adapter applied at load time over a base GGUF",
           config="exporters.gguf.config:GgufLoraConfig", needs=("adapter",)),
+    Entry("webgpu", "exporters.webgpu:export", "onnx", ("onnx", "numpy"),
+          "browser bundle: transformers.js model folder (fp32/fp16/q4/q4f16), chat page and vendored onnxruntime-web",
+          config="exporters.webgpu.config:WebgpuExportConfig", needs=("imatrix",),
+          install="pip install 'edgesmith[onnx]' and cd web && npm run setup"),
 ])
 
 RUNTIMES = Registry("runtime", [
@@ -102,6 +112,12 @@ RUNTIMES = Registry("runtime", [
           "onnxruntime-genai (what Android/iOS apps embed) on an ONNX folder with genai_config.json"),
     Entry("llama.cpp", "runtimes.llamacpp_runtime:LlamaCppRuntime", None, ("llama_cpp",),
           "llama.cpp through llama-cpp-python (CPU; GGUF models and GGUF LoRA adapters)", install="bash scripts/install-llama-cpp.sh (portable llama-cpp-python build)"),
+    Entry("browser-wasm", "runtimes.browser_runtime:BrowserWasmRuntime", None, ("numpy",),
+          "a browser bundle in headless chromium on onnxruntime-web's wasm backend (threads: cross-origin isolated)",
+          tools="runtimes.browser_runtime:missing_tools"),
+    Entry("browser-webgpu", "runtimes.browser_runtime:BrowserWebgpuRuntime", None, ("numpy",),
+          "a browser bundle in headless chromium on WebGPU (--enable-unsafe-webgpu; software adapter without a GPU)",
+          tools="runtimes.browser_runtime:missing_tools"),
 ])
 
 # Which runtimes can run each exporter's output by default.
@@ -109,4 +125,6 @@ DEFAULT_RUNTIMES = {
     "onnx": ["onnxruntime"],
     "gguf": ["llama.cpp"],
     "gguf-lora": ["llama.cpp"],
+    # the native row runs the very file the wasm page loads: the browser-vs-native ratio
+    "webgpu": ["browser-wasm", "browser-webgpu", "onnxruntime"],
 }

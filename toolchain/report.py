@@ -303,6 +303,45 @@ def _ratios_section(bench: list[dict], anchor: dict) -> tuple:
     return ("ONNX speed against llama.cpp Q4_0", [("table", headers, rows, "llrrrr"), ("p", note)])
 
 
+BROWSER_DECODE_GOAL = 0.5  # browser wasm decode at least half native onnxruntime's on the same file
+
+
+def _browser_section(bench: list[dict]) -> tuple:
+    """Each browser row beside native onnxruntime on the same bundle (the same ONNX file as wasm)."""
+    rows = []
+    for r in bench:
+        info = (r.get("machine") or {}).get("browser") if isinstance(r.get("machine"), dict) else None
+        if not isinstance(info, dict):
+            continue
+        nat = next((n for n in bench if n.get("target") == r.get("target") and n.get("runtime") == "onnxruntime"), None)
+        adapter = info.get("adapter_info") if info.get("device") == "webgpu" else None
+        where = (f"{adapter.get('vendor')} {adapter.get('architecture')}".strip() if isinstance(adapter, dict)
+                 else f"{info.get('threads') or 1} thread(s), {'isolated' if info.get('crossOriginIsolated') else 'NOT isolated'}")
+        ratios = []
+        for key in ("decode_tps", "prefill_tps"):
+            a, b = _decode_median(r, key), _decode_median(nat, key)
+            ratios.append(a / b if a and b else None)
+        goal = DASH
+        if info.get("device") == "wasm" and ratios[0] is not None:
+            goal = "met" if ratios[0] >= BROWSER_DECODE_GOAL else "missed"
+        check = info.get("tokenizer_check") or {}
+        rows.append([fmt_value(r.get("target")), fmt_value(info.get("device")), fmt_value(info.get("dtype")), where,
+                     fmt(info.get("model_load_s"), ".2f"), fmt_pm(r.get("decode_tps")),
+                     *(f"{x:.2f}x" if x else DASH for x in ratios), goal,
+                     ("same ids" if check.get("ok") else f"{len(check.get('mismatches') or [])} mismatch(es)")
+                     if check else DASH])
+    headers = ["Target", "Device", "Dtype", "Backend", "Model load s", "Decode tok/s", "Decode vs native",
+               "Prefill vs native", f"Goal ≥{BROWSER_DECODE_GOAL:.1f}x", "Tokenizer"]
+    note = ("The bundle's own page in headless chromium (transformers.js + onnxruntime-web), against native "
+            "onnxruntime (CPU, same threads) on the same ONNX file; medians of the same run. wasm uses several threads "
+            "only when the page is cross-origin isolated (the driver serves COOP/COEP headers); its kernels are "
+            "128-bit SIMD without the AVX2/VNNI paths native MLAS takes. WebGPU without a GPU runs on SwiftShader, "
+            "a CPU emulation: a correctness check, not a speed figure. Peak RSS of a browser row is the page's JS and wasm "
+            "memory after its benchmark (measureUserAgentSpecificMemory), not the browser processes' RSS. Tokenizer: the page's token ids for the fixed "
+            "strings and chat renderings against transformers'.")
+    return ("Browser against native", [("table", headers, rows, "llll" + "r" * 6), ("p", note)])
+
+
 def _settings_section(bench: list[dict]) -> tuple:
     rows = []
     for r in bench:
@@ -356,6 +395,9 @@ def build_sections(data: dict, have: set[str]) -> tuple[str, list[tuple]]:
         anchor = _anchor_row(bench)
         if anchor and any(r.get("format") == "onnx" for r in bench):
             sections.append(_ratios_section(bench, anchor))
+        if any(isinstance((r.get("machine") or {}).get("browser"), dict) for r in bench
+               if isinstance(r.get("machine"), dict)):
+            sections.append(_browser_section(bench))
         sections += [_warnings_section(bench), _settings_section(bench)]
     if _dicts(data.get("stages")):
         sections.append(_stages_section(_dicts(data["stages"])))

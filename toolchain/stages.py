@@ -193,7 +193,8 @@ def make_bench(runtime: str, target_name: str, source_id: str) -> Callable:
         result = json.loads(result_path.read_text())
         fig = inputs[source_id].figures
         fmt, precision = (fig.get("format"), fig.get("precision")) if source_id.startswith("export-") else ("torch", "fp32")
-        result["format"], result["precision"] = fmt, precision  # the gate is judged when read (toolchain.gates)
+        # the gate is judged when read (toolchain.gates); a browser runtime reports the dtype it picked
+        result["format"], result["precision"] = fmt, result.get("precision") or precision
         return result
     return run_bench
 

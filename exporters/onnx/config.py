@@ -29,6 +29,9 @@ PRECISIONS: dict[str, Precision] = {
                       "(dynamic) or with calibrated ranges (static)"),
     "int4": Precision("int4", np.float32, TensorProto.FLOAT, float(np.finfo(np.float32).min), 4,
                       "int4 block-quantised linear layers (MatMulNBits), float32 activations"),
+    "int4f16": Precision("int4f16", np.float16, TensorProto.FLOAT16, float(np.finfo(np.float16).min), 4,
+                         "int4 block-quantised linear layers with float16 scales, activations and KV cache "
+                         "(transformers.js q4f16: WebGPU with shader-f16)"),
 }
 
 GRAPHS = {

@@ -62,12 +62,52 @@ async function bundle() {
 const idsTensor = (ids) => new Tensor('int64', BigInt64Array.from(ids, BigInt), [1, ids.length]);
 const onesMask = (n) => new Tensor('int64', new BigInt64Array(n).fill(1n), [1, n]);
 
-function argmaxLast(logits) {
-  const vocab = logits.dims.at(-1);
-  const data = logits.data;
+// float16 bits (a Uint16Array: onnxruntime-web's float16 data where the browser lacks Float16Array) -> float32.
+function halfBitsToFloat32(bits) {
+  const out = new Float32Array(bits.length);
+  for (let i = 0; i < bits.length; i++) {
+    const h = bits[i];
+    const sign = h & 0x8000 ? -1 : 1;
+    const exp = (h >> 10) & 0x1f;
+    const frac = h & 0x3ff;
+    if (exp === 0) out[i] = sign * frac * 2 ** -24; // zero and subnormals
+    else if (exp === 31) out[i] = frac ? NaN : sign * Infinity;
+    else out[i] = sign * (1 + frac / 1024) * 2 ** (exp - 15);
+  }
+  return out;
+}
+
+// A float tensor's data (or its [start, end) slice) as float32: fp16 graphs return float16 logits,
+// as a Float16Array where the browser has one, else as raw bits in a Uint16Array.
+function float32Data(t, start = 0, end = t.data.length) {
+  const data = t.data.subarray(start, end);
+  if (t.type === 'float32') return data;
+  if (t.type !== 'float16') throw new Error(`logits of type ${t.type}: expected float32 or float16`);
+  return data instanceof Uint16Array ? halfBitsToFloat32(data) : Float32Array.from(data);
+}
+
+const lastRow = (logits) => float32Data(logits, logits.data.length - logits.dims.at(-1));
+
+function argmax(row) {
   let best = 0;
-  for (let i = 1, base = data.length - vocab; i < vocab; i++) if (data[base + i] > data[base + best]) best = i;
+  for (let i = 1; i < row.length; i++) if (row[i] > row[best]) best = i;
   return best;
+}
+
+const argmaxLast = (logits) => argmax(lastRow(logits));
+
+// Bytes as base64: String.fromCharCode over 32 KiB chunks (argument-count limit), then btoa.
+function base64(bytes) {
+  const chunks = [];
+  for (let i = 0; i < bytes.length; i += 0x8000) chunks.push(String.fromCharCode.apply(null, bytes.subarray(i, i + 0x8000)));
+  return btoa(chunks.join(''));
+}
+
+// A bad ids argument would reach onnxruntime and poison the page (see guarded): refuse it first.
+function checkIds(ids, op) {
+  if (!Array.isArray(ids) || !ids.length || !ids.every(Number.isInteger)) {
+    throw new Error(`${op}: ids must be a non-empty list of integer token ids, got ${JSON.stringify(ids)?.slice(0, 80)}`);
+  }
 }
 
 function disposePast(past) {
@@ -157,22 +197,102 @@ async function chatIds(messages) {
   return Array.from(ids, Number);
 }
 
-// Greedy through model.generate (the chat UI's own path) with ids fed directly. EOS stopping is
-// switched off so exactly max_new_tokens come back, like the Python runtimes' generate(ids, n).
-const greedy = (ids, max_new_tokens) => guarded(async () => {
-  const out = await state.model.generate({
-    input_ids: idsTensor(ids), attention_mask: onesMask(ids.length),
-    max_new_tokens, do_sample: false, eos_token_id: null,
-  });
-  return out.tolist()[0].slice(ids.length).map(Number);
-});
+// The manual greedy loop (bench, and greedy with stop ids): one forward over the prompt, then
+// single-token forwards with the KV cache, each feeding the argmax, like runtimes/base.py's
+// generate. Stops after n tokens, or after a token in `stop` (included). Returns the tokens and the
+// times the first and the last token were chosen.
+async function greedyLoop(ids, n, stop = null) {
+  let { logits: l, past } = await forward(ids, null, 0);
+  try {
+    const tokens = [argmaxLast(l)];
+    const t_first = performance.now();
+    while (tokens.length < n && !stop?.has(tokens.at(-1))) {
+      ({ logits: l, past } = await forward([tokens.at(-1)], past, ids.length + tokens.length - 1));
+      tokens.push(argmaxLast(l));
+    }
+    return { tokens, t_first, t_last: performance.now() };
+  } finally {
+    disposePast(past);
+  }
+}
 
-const logits = (ids) => guarded(async () => {
-  const { logits: l, past } = await forward(ids, null, 0);
-  disposePast(past);
-  const vocab = l.dims.at(-1);
-  return Array.from(l.data.subarray(l.data.length - vocab));
-});
+// Greedy decoding of max_new_tokens from ids, like the Python runtimes' generate(ids, n, stop_ids).
+// Without stop ids: model.generate (the chat UI's own path) with EOS stopping switched off, so
+// exactly max_new_tokens come back. With stop ids: the manual loop, which stops after emitting one
+// (included). (model.generate would also apply generation_config.json's processors, e.g. a
+// repetition_penalty, which the Python runtimes do not.)
+const greedy = async (ids, max_new_tokens, stop_ids = null) => {
+  checkIds(ids, 'greedy');
+  if (!(max_new_tokens > 0)) return [];
+  return guarded(async () => {
+    if (stop_ids?.length) return (await greedyLoop(ids, max_new_tokens, new Set(stop_ids.map(Number)))).tokens;
+    const out = await state.model.generate({
+      input_ids: idsTensor(ids), attention_mask: onesMask(ids.length),
+      max_new_tokens, do_sample: false, eos_token_id: null,
+    });
+    return out.tolist()[0].slice(ids.length).map(Number);
+  });
+};
+
+// Logits of the last position, as a list of numbers.
+const logits = async (ids) => {
+  checkIds(ids, 'logits');
+  return guarded(async () => {
+    const { logits: l, past } = await forward(ids, null, 0);
+    disposePast(past);
+    return Array.from(lastRow(l));
+  });
+};
+
+// The largest logitsAll answer: its base64 must fit in one JS string (V8: < 2**29 characters) in the
+// page and again in the driver. Longer inputs go in slices.
+const MAX_LOGITS_BYTES = 256 * 2 ** 20;
+
+// Logits of every position of one forward over ids (empty cache): {b64, shape: [ids.length, vocab],
+// dtype: 'float32'}, b64 = the rows as little-endian float32 (every browser platform is little-endian).
+// Only the forward goes through guarded: a failed encoding does not break the page.
+const logitsAll = async (ids) => {
+  checkIds(ids, 'logitsAll');
+  const vocab = state.model?.config?.vocab_size;
+  if (vocab && ids.length * vocab * 4 > MAX_LOGITS_BYTES) {
+    throw new Error(`logitsAll: ${ids.length} positions x ${vocab} logits x 4 bytes is over the ${MAX_LOGITS_BYTES / 2 ** 20} MiB `
+      + `one answer can carry; ask for at most ${Math.floor(MAX_LOGITS_BYTES / (vocab * 4))} ids at a time`);
+  }
+  const l = await guarded(async () => {
+    const { logits: out, past } = await forward(ids, null, 0);
+    disposePast(past);
+    return out;
+  });
+  if (l.dims.length !== 3 || l.dims[1] !== ids.length) {
+    throw new Error(`logitsAll: the graph returned logits of shape [${l.dims}], not [1, ${ids.length}, vocab]: `
+      + 'it must output every position\'s logits');
+  }
+  const rows = float32Data(l);
+  return { b64: base64(new Uint8Array(rows.buffer, rows.byteOffset, rows.byteLength)), shape: [ids.length, l.dims[2]], dtype: 'float32' };
+};
+
+// performance.measureUserAgentSpecificMemory(): the page's JS + wasm memory as the browser accounts
+// it (not GPU buffers); only in a cross-origin-isolated page. Chromium answers at its next GC
+// (15 s in headless chromium) unless ForceEagerMeasureMemory is on (the driver turns it on: ~30 ms),
+// so it races a timeout. {bytes, ms}, or {bytes: null, reason, ms}.
+async function uaMemory(timeout_ms = 20_000) {
+  const t0 = performance.now();
+  const done = (r) => ({ ...r, ms: performance.now() - t0 });
+  if (typeof performance.measureUserAgentSpecificMemory !== 'function') {
+    return done({ bytes: null, reason: 'performance.measureUserAgentSpecificMemory is not available in this browser' });
+  }
+  if (!self.crossOriginIsolated) return done({ bytes: null, reason: 'the page is not cross-origin isolated (COOP/COEP headers)' });
+  let timer;
+  try {
+    const timeout = new Promise((ok) => { timer = setTimeout(() => ok(null), timeout_ms); });
+    const m = await Promise.race([performance.measureUserAgentSpecificMemory(), timeout]);
+    return done(m ? { bytes: m.bytes } : { bytes: null, reason: `no answer within ${timeout_ms / 1000} s` });
+  } catch (e) {
+    return done({ bytes: null, reason: `measureUserAgentSpecificMemory failed: ${e.message}` });
+  } finally {
+    clearTimeout(timer);
+  }
+}
 
 // Benchmark, llama-bench style and matching runtimes/base.py's bench: a manual greedy loop over
 // model.forward with the KV cache (not model.generate) so that prefill and decode are timed
@@ -183,16 +303,8 @@ const logits = (ids) => guarded(async () => {
 const bench = (ids, gen_tokens = 64, repetitions = 3, warmup = 1) => guarded(async () => {
   const run = async (n) => {
     const t0 = performance.now();
-    let { logits: l, past } = await forward(ids, null, 0);
-    const tokens = [argmaxLast(l)];
-    const t1 = performance.now();
-    for (let i = 1; i < n; i++) {
-      ({ logits: l, past } = await forward([tokens.at(-1)], past, ids.length + i - 1));
-      tokens.push(argmaxLast(l));
-    }
-    const t2 = performance.now();
-    disposePast(past);
-    return { prefill_ms: t1 - t0, decode_ms: t2 - t1, tokens };
+    const { tokens, t_first, t_last } = await greedyLoop(ids, n);
+    return { prefill_ms: t_first - t0, decode_ms: t_last - t_first, tokens };
   };
   for (let i = 0; i < warmup; i++) await run(Math.min(gen_tokens, 8));
   const r = { ttft_ms: [], prefill_tps: [], decode_tps: [], tokens: null };
@@ -205,6 +317,7 @@ const bench = (ids, gen_tokens = 64, repetitions = 3, warmup = 1) => guarded(asy
   }
   const m = performance.memory;
   r.memory = m ? { usedJSHeapSize: m.usedJSHeapSize, totalJSHeapSize: m.totalJSHeapSize, jsHeapSizeLimit: m.jsHeapSizeLimit } : null;
+  r.ua_memory = await uaMemory();
   r.settings = { prompt_tokens: ids.length, gen_tokens, repetitions, warmup, ...state.loaded };
   return r;
 });
@@ -214,7 +327,7 @@ const info = async () => ({
   transformers_version: env.version, loaded: state.loaded,
 });
 
-window.edgesmith = { load, encode, chatIds, greedy, logits, bench, info };
+window.edgesmith = { load, encode, chatIds, greedy, logits, logitsAll, bench, info };
 
 // ---------------------------------------------------------------------------- chat UI
 const history = [];

@@ -23,7 +23,7 @@ export const TOL = {
 
 // What the bundle is made from: a change to any of these rebuilds it.
 const INPUTS = ['web/test/make_tiny_bundle.py', 'web/page', 'web/vendor-files.json', 'web/package-lock.json',
-  'exporters/onnx', 'exporters/hf.py', 'runtimes/onnxruntime_runtime.py', 'runtimes/base.py', 'tests/conftest.py'];
+  'exporters/onnx', 'exporters/webgpu', 'exporters/hf.py', 'runtimes/onnxruntime_runtime.py', 'runtimes/base.py', 'tests/conftest.py'];
 
 function inputsHash() {
   const h = createHash('sha256');
