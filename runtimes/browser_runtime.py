@@ -14,7 +14,8 @@ what is measured is the page a user opens:
   recomputes the whole sequence, so use ``generate`` or ``bench`` for anything timed.
 
 Options: ``dtype`` (default: the page's choice from bundle.json for the device, as a user's
-browser would pick), ``timeout_s`` per call (default 1800), ``chromium`` (default $CHROMIUM or
+browser would pick), ``wasm_build`` (``plain``, the page's default on wasm, or ``jsep``: the
+WebGPU-capable build, slower on the CPU), ``timeout_s`` per call (default 1800), ``chromium`` (default $CHROMIUM or
 /usr/bin/chromium), ``model_file`` (accepted and unused: the bundle's wasm dtype is that file).
 Memory is what the browser reports (``performance.measureUserAgentSpecificMemory`` where it
 answers, else the JS heap), not this process's RSS.
@@ -81,12 +82,14 @@ class BrowserRuntime(Runtime):
         if missing:
             raise RuntimeError(f"the {self.name} runtime needs: {'; '.join(missing)}")
         self.timeout_s = float(self.options.get("timeout_s", DEFAULT_TIMEOUT_S))
+        self._before = machine_state()  # before chromium starts: its own processes are not "other load"
         self._stderr = tempfile.TemporaryFile(mode="w+")
         env = dict(os.environ, CHROMIUM=chromium_path(self.options.get("chromium")))
         self.proc = subprocess.Popen(["node", str(web_dir() / "driver.mjs"), "--session"], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
         header = {"bundle": str(self.artifact_dir.resolve()), "device": self.device, "timeout_s": self.timeout_s,
-                  "threads": self.threads if self.device == "wasm" else None, "dtype": self.options.get("dtype")}
+                  "threads": self.threads if self.device == "wasm" else None, "dtype": self.options.get("dtype"),
+                  "wasm_build": self.options.get("wasm_build")}
         reply = self._exchange(header)
         if not reply.get("ok"):
             self.close()
@@ -222,7 +225,6 @@ class BrowserRuntime(Runtime):
 
     def bench(self, prompt_ids: Sequence[int], settings: BenchSettings, target: str = "",
               load_s: float | None = None, rss_before_load: float | None = None) -> BenchResult:
-        before = machine_state()
         if load_s is None:
             t = time.perf_counter()
             self.load()
@@ -239,6 +241,7 @@ class BrowserRuntime(Runtime):
         memory = {"js_heap": r.get("memory"), "user_agent_specific": r.get("ua_memory")}
         # JS + wasm memory of the page (measureUserAgentSpecificMemory; GPU buffers not included), else the JS heap
         peak = (r.get("ua_memory") or {}).get("bytes") or (r.get("memory") or {}).get("usedJSHeapSize")
+        before = self._before
         warnings = [w for w in [load_warning(before, self.threads)] if w]
         adapter = self.loaded.get("adapter_info") or {}
         if self.device == "webgpu" and any(s in json.dumps(adapter).lower() for s in SOFTWARE_ADAPTERS):

@@ -136,7 +136,9 @@ def test_targets_lists_exporters_and_runtimes(capsys):
     assert [ln.split()[0] for ln in runtimes] == RUNTIMES.names()
     assert {"onnx", "torch", "onnxruntime"} <= set(EXPORTERS.names() + RUNTIMES.names())
     assert "runtimes: onnxruntime;" in exporters[0]
-    assert all(ln.endswith("installed") or "pip install 'edgesmith[" in ln for ln in exporters + runtimes)
+    # every missing piece names its fix: a pip extra, or the command beside each missing tool
+    assert all(ln.endswith("installed") or "pip install 'edgesmith[" in ln or "(fix: " in ln
+               for ln in exporters + runtimes)
 
 
 def test_doctor_json(capsys):

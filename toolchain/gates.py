@@ -64,6 +64,7 @@ GATES: dict[tuple[str, str], Gate] = {
     ("onnx", "int4f16"): Q4_PLAIN,
     ("webgpu", "fp32"): EXACT,
     ("webgpu", "fp16"): HALF_COMPUTE,
+    ("webgpu", "int8"): INT8,
     ("webgpu", "int4"): Q4_PLAIN,
     ("webgpu", "int4f16"): Q4_PLAIN,
     ("gguf", "F32"): EXACT,

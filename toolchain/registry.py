@@ -100,7 +100,8 @@ EXPORTERS = Registry("exporter", [
     Entry("webgpu", "exporters.webgpu:export", "onnx", ("onnx", "numpy"),
           "browser bundle: transformers.js model folder (fp32/fp16/q4/q4f16), chat page and vendored onnxruntime-web",
           config="exporters.webgpu.config:WebgpuExportConfig", needs=("imatrix",),
-          install="pip install 'edgesmith[onnx]' and cd web && npm run setup"),
+          install="pip install 'edgesmith[onnx]' and cd web && npm run setup",
+          tools="exporters.webgpu.vendor:missing_packages"),
 ])
 
 RUNTIMES = Registry("runtime", [

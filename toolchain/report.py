@@ -316,7 +316,8 @@ def _browser_section(bench: list[dict]) -> tuple:
         nat = next((n for n in bench if n.get("target") == r.get("target") and n.get("runtime") == "onnxruntime"), None)
         adapter = info.get("adapter_info") if info.get("device") == "webgpu" else None
         where = (f"{adapter.get('vendor')} {adapter.get('architecture')}".strip() if isinstance(adapter, dict)
-                 else f"{info.get('threads') or 1} thread(s), {'isolated' if info.get('crossOriginIsolated') else 'NOT isolated'}")
+                 else f"{info.get('threads') or 1} thread(s), {'isolated' if info.get('crossOriginIsolated') else 'NOT isolated'}"
+                 f"{', ' + info['wasm_build'] + ' build' if info.get('wasm_build') else ''}")
         ratios = []
         for key in ("decode_tps", "prefill_tps"):
             a, b = _decode_median(r, key), _decode_median(nat, key)

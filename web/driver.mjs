@@ -231,8 +231,8 @@ class BundlePage {
 
   load() {
     this.step = 'load';
-    const { device, dtype, model_id, threads, log_level } = this.job;
-    return this.call('load', [{ device, dtype, model_id, threads, log_level }]);
+    const { device, dtype, model_id, threads, log_level, wasm_build } = this.job;
+    return this.call('load', [{ device, dtype, model_id, threads, log_level, wasm_build }]);
   }
 
   /** Throws if the page requested a non-local URL since blocked.length was `since`. */
@@ -311,7 +311,8 @@ export async function runJob(job) {
 
 // ---------------------------------------------------------------------------- session mode
 // node driver.mjs --session: JSON lines on stdin, one JSON reply line per line on stdout.
-//   header  {bundle, device, dtype?, model_id?, threads?, timeout_s? (per call, default 600), log_level?}
+//   header  {bundle, device, dtype?, model_id?, threads?, timeout_s? (per call, default 600), log_level?,
+//            wasm_build? ('plain' (default on wasm) | 'jsep')}
 //        -> {"ok": true, "load", "crossOriginIsolated", "info"}
 //           | {"ok": false, "error", "failed_step", "console", "http_errors"} and exit 1
 //   call    {op, args?: list, save?: path}

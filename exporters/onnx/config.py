@@ -42,6 +42,11 @@ GRAPHS = {
 # MatMulNBits accuracy_level: the minimum precision its kernel computes in
 ACCURACY_LEVELS = {0: "unset (kernel default)", 1: "fp32", 2: "fp16", 3: "bf16", 4: "int8 (fastest on CPU)"}
 ACTIVATIONS_INT8 = ("dynamic", "static")
+INT8_KERNELS = {
+    "nbits": "MatMulNBits 8-bit blocks (native onnxruntime's fastest int8)",
+    "integer": "per-channel int8 weights, DynamicQuantizeLinear + MatMulInteger (standard ONNX ops; what "
+               "onnxruntime-web runs, and transformers.js q8 files use)",
+}
 LM_HEAD = {
     "auto": "int8 for int8 and int4 precisions, the precision's float type otherwise",
     "int8": "int8 blocks (MatMulNBits)",
@@ -69,6 +74,7 @@ class OnnxExportConfig:
     quantize_embedding: bool = False  # embedding table block-quantised too (GatherBlockQuantized)
     imatrix: bool = False  # weight the int8/int4 scale search by the run's importance matrix
     activations: str = "dynamic"  # int8 only: activation scales at run time, or from calibration data
+    int8_kernel: str = "nbits"  # 8-bit linears (int8 precision, int8 LM head): see INT8_KERNELS
     genai: bool | None = None  # write genai_config.json (onnxruntime-genai / mobile apps); default: when the
     # model folder has its tokenizer files
 
@@ -86,6 +92,10 @@ class OnnxExportConfig:
         choice("accuracy_level", self.accuracy_level, ACCURACY_LEVELS)
         choice("activations", self.activations, ACTIVATIONS_INT8)
         choice("lm_head", self.lm_head, LM_HEAD)
+        choice("int8_kernel", self.int8_kernel, INT8_KERNELS)
+        if self.int8_kernel == "integer" and self.activations == "static":
+            raise ValueError("`int8_kernel: integer` quantises activations at run time; `activations: static` "
+                             "uses its own kernel (MatMulIntegerToFloat): set one or the other")
         if self.lm_head in ("int8", "int4") and self.spec.bits is None:
             raise ValueError(f"`lm_head: {self.lm_head}` needs precision int8 or int4 (MatMulNBits), got "
                              f"{self.precision!r}; use `lm_head: auto`")

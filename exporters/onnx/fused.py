@@ -44,6 +44,7 @@ from toolchain.errors import PreflightError
 from .config import OnnxExportConfig
 from .families import DecoderSpec, DecoderWeights
 from .graph import GraphBuilder
+from .integer import integer_linear
 from .quant import quantize_blocks
 
 INT64, INT32 = TensorProto.INT64, TensorProto.INT32
@@ -134,6 +135,9 @@ class FusedDecoderGraph:
         bits = cfg.spec.bits if bits == "default" else bits
         if bits is not None and cfg.activations == "static" and name in self.ranges:
             y = self.static_int8_linear(x, w, name)
+        elif bits == 8 and cfg.int8_kernel == "integer":
+            y = integer_linear(g, x, w, name)
+            self._count("MatMulInteger8")
         elif bits is not None:
             bq = quantize_blocks(w, bits, cfg.block_size, cfg.symmetric, self.np_float,
                                  importance=self.importance.get(name))

@@ -1,7 +1,7 @@
 """Typed configuration of the browser bundle exporter (imports nothing heavy).
 
-A bundle holds one ONNX file per transformers.js dtype listed in ``dtypes``; the page picks the
-first one the device can run (``bundle.json``). Format facts live in the ``DTYPES`` table.
+A bundle holds one ONNX file per transformers.js dtype listed in ``webgpu`` or ``wasm``; the page
+picks the first one of its device's list it can run (``bundle.json``). Format facts live in the ``DTYPES`` table.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ class Dtype:
 
     name: str
     suffix: str  # transformers.js v3 DEFAULT_DTYPE_SUFFIX_MAPPING: model{suffix}.onnx
-    precision: str | None  # exporters.onnx precision that writes it; None: not writable for the browser
+    precision: str  # exporters.onnx precision that writes it
     shader_f16: bool  # float16 compute: WebGPU only on an adapter with the 'shader-f16' feature
     note: str
 
@@ -27,13 +27,15 @@ DTYPES: dict[str, Dtype] = {
                 "int4 block-quantised linears (MatMulNBits bits=4), float32 compute: wasm and every WebGPU adapter"),
     "q4f16": Dtype("q4f16", "_q4f16", "int4f16", True,
                    "int4 block-quantised linears with float16 compute; WebGPU with shader-f16 only"),
-    "q8": Dtype("q8", "_quantized", None, False,
-                "not written: onnxruntime-web 1.22 refuses MatMulNBits bits=8 at session creation (measured)"),
+    "q8": Dtype("q8", "_quantized", "int8", False,
+                "int8 per-channel linears through DynamicQuantizeLinear + MatMulInteger (onnxruntime-web 1.22 "
+                "refuses 8-bit MatMulNBits): wasm's integer SIMD kernels; WebGPU runs them on the CPU"),
 }
 GRAPHS = ("fused", "standard")
 LM_HEAD = {
-    "auto": "int4 for q4/q4f16 (onnxruntime-web has no 8-bit MatMulNBits), float otherwise",
-    "int4": "int4 blocks (MatMulNBits bits=4)",
+    "auto": "the dtype's own: int4 for q4/q4f16 (onnxruntime-web has no 8-bit MatMulNBits), int8 for q8, "
+            "float otherwise",
+    "int4": "int4 blocks (MatMulNBits bits=4) for q4/q4f16 (q8 keeps its int8 head)",
     "float": "the dtype's float type: larger, closest to the merged model",
 }
 EXTERNAL_DATA = ("auto", True, False)
@@ -45,47 +47,57 @@ EXTERNAL_DATA_AUTO_BYTES = 512 * 2**20
 CHUNK_BYTES = 1536 * 2**20
 
 
+def _dtype_list(key: str, value) -> tuple:
+    values = (value,) if isinstance(value, str) else value
+    if not isinstance(values, (list, tuple)) or not values:
+        raise ValueError(f"`{key}` must be a non-empty list of {', '.join(map(repr, DTYPES))}, got {value!r}")
+    for d in values:
+        if d not in DTYPES:
+            raise ValueError(f"`{key}` entry {d!r} is not a transformers.js dtype this exporter knows; "
+                             f"known: {', '.join(map(repr, DTYPES))}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"`{key}` lists a dtype twice: {list(values)!r}")
+    return tuple(values)
+
+
 @dataclass(frozen=True)
 class WebgpuExportConfig:
-    """`webgpu` target options: which dtypes the bundle holds and how the ONNX files are written."""
+    """`webgpu` target options: the dtypes each device loads, and how the ONNX files are written.
 
-    dtypes: tuple = ("q4",)  # transformers.js dtypes, in order of preference (see DTYPES)
+    Defaults follow transformers.js' own (q8 on wasm) and measured speed here: on wasm, q4 decodes
+    ~35x slower than q8 (onnxruntime-web has no wasm MatMulNBits kernel: it dequantises the whole
+    matrix on every call), while WebGPU runs MatMulNBits natively in a shader.
+    """
+
+    webgpu: tuple = ("q4f16", "q4")  # what WebGPU loads, in order of preference (f16 ones need shader-f16)
+    wasm: tuple = ("q8",)  # what wasm loads (no WebGPU adapter), in order of preference
     graph: str = "fused"  # ONNX graph kind (exporters.onnx GRAPHS); fused runs on wasm and WebGPU
     block_size: int = 32  # q4/q4f16: values per quantisation block
     symmetric: bool = True  # q4/q4f16: false adds a zero point per block
-    lm_head: str = "auto"  # q4/q4f16: see LM_HEAD
+    lm_head: str = "auto"  # see LM_HEAD
     imatrix: bool = False  # q4/q4f16: weight the scale search by the run's importance matrix
     external_data: object = "auto"  # weights in "<file>_data": auto (when large), true or false
     max_new_tokens: int = 256  # the chat page's reply budget
     model_id: str = "model"  # folder name under models/ (what transformers.js from_pretrained loads)
 
     def __post_init__(self) -> None:
-        dtypes = self.dtypes
-        if isinstance(dtypes, str):
-            dtypes = (dtypes,)
-        if not isinstance(dtypes, (list, tuple)) or not dtypes:
-            raise ValueError(f"`dtypes` must be a non-empty list of {', '.join(map(repr, DTYPES))}, got {self.dtypes!r}")
-        for d in dtypes:
-            if d not in DTYPES:
-                raise ValueError(f"`dtypes` entry {d!r} is not a transformers.js dtype this exporter knows; "
-                                 f"known: {', '.join(map(repr, DTYPES))}")
-            if DTYPES[d].precision is None:
-                raise ValueError(f"`dtypes` entry {d!r} cannot be written for the browser: {DTYPES[d].note} "
-                                 f"(fix: use q4, or fp32)")
-        if len(set(dtypes)) != len(dtypes):
-            raise ValueError(f"`dtypes` lists a dtype twice: {list(dtypes)!r}")
-        if all(DTYPES[d].shader_f16 for d in dtypes):
-            raise ValueError(f"`dtypes` {list(dtypes)!r} all need WebGPU's shader-f16, so wasm and adapters "
-                             f"without it would have no model (fix: add a fallback, e.g. [{dtypes[0]}, q4])")
-        object.__setattr__(self, "dtypes", tuple(dtypes))
+        webgpu, wasm = _dtype_list("webgpu", self.webgpu), _dtype_list("wasm", self.wasm)
+        object.__setattr__(self, "webgpu", webgpu)
+        object.__setattr__(self, "wasm", wasm)
+        if all(DTYPES[d].shader_f16 for d in webgpu):
+            raise ValueError(f"`webgpu` {list(webgpu)!r} all need shader-f16, so adapters without it would have no "
+                             f"model (fix: add a fallback, e.g. [{webgpu[0]}, q4])")
+        f16 = [d for d in wasm if DTYPES[d].shader_f16]
+        if f16:
+            raise ValueError(f"`wasm` lists {f16!r}: float16 compute has no onnxruntime-web wasm kernels "
+                             f"(fix: q8, fp32 or q4 for wasm)")
         if self.graph not in GRAPHS:
             raise ValueError(f"`graph` must be one of {', '.join(map(repr, GRAPHS))}, got {self.graph!r}")
-        if self.graph == "standard" and any(DTYPES[d].precision.startswith("int4") for d in dtypes):
-            raise ValueError("`graph: standard` has no int4 linears (MatMulNBits is an onnxruntime kernel) "
-                             "(fix: graph: fused for q4/q4f16)")
+        if self.graph == "standard" and any(DTYPES[d].precision.startswith("int") for d in self.dtypes):
+            raise ValueError("`graph: standard` writes float linears only (fix: graph: fused for q4/q4f16/q8)")
         if self.lm_head not in LM_HEAD:
             raise ValueError(f"`lm_head` must be one of {', '.join(map(repr, LM_HEAD))}, got {self.lm_head!r} "
-                             f"(int8 heads are refused by onnxruntime-web 1.22)")
+                             f"(an 8-bit MatMulNBits head is refused by onnxruntime-web 1.22)")
         for key in ("symmetric", "imatrix"):
             if not isinstance(getattr(self, key), bool):
                 raise ValueError(f"`{key}` must be true or false, got {getattr(self, key)!r}")
@@ -102,6 +114,11 @@ class WebgpuExportConfig:
                 c.isalnum() or c in "-_." for c in self.model_id) or self.model_id.startswith("."):
             raise ValueError(f"`model_id` must be a plain folder name (letters, digits, - _ .), got {self.model_id!r}")
 
+    @property
+    def dtypes(self) -> tuple:
+        """Every dtype the bundle holds (one ONNX file each): WebGPU's, then wasm's."""
+        return tuple(dict.fromkeys((*self.webgpu, *self.wasm)))
+
     # -- derived ---------------------------------------------------------------------------------
     def onnx_options(self, dtype: str) -> dict:
         """The exporters.onnx options that write ``dtype`` for onnxruntime-web.
@@ -115,17 +132,18 @@ class WebgpuExportConfig:
         if precision.startswith("int4"):
             opts.update(block_size=self.block_size, symmetric=self.symmetric, accuracy_level=0,
                         lm_head="float" if self.lm_head == "float" else "int4", imatrix=self.imatrix)
+        elif precision == "int8":
+            opts.update(int8_kernel="integer", lm_head="float" if self.lm_head == "float" else "auto")
         return opts
 
     def device_dtypes(self) -> dict[str, list[str]]:
-        """bundle.json's preference lists: WebGPU tries every dtype (f16 ones only with shader-f16);
-        wasm only those without float16 compute."""
-        return {"webgpu": list(self.dtypes), "wasm": [d for d in self.dtypes if not DTYPES[d].shader_f16]}
+        """bundle.json's preference lists (the page skips f16 dtypes on an adapter without shader-f16)."""
+        return {"webgpu": list(self.webgpu), "wasm": list(self.wasm)}
 
     @property
     def primary(self) -> str:
-        """The dtype wasm runs (and native onnxruntime is compared on): the first without f16 compute."""
-        return self.device_dtypes()["wasm"][0]
+        """The dtype wasm runs, which native onnxruntime is compared on."""
+        return self.wasm[0]
 
     @property
     def needs_imatrix(self) -> bool:
@@ -152,5 +170,5 @@ class WebgpuExportConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["dtypes"] = list(self.dtypes)
+        d["webgpu"], d["wasm"] = list(self.webgpu), list(self.wasm)
         return d

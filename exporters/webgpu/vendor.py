@@ -58,6 +58,15 @@ def check_installed(web: Path | None = None) -> dict:
     return versions
 
 
+def missing_packages() -> list[str]:
+    """For `edgesmith targets`: what the bundle exporter lacks outside Python, each with its fix."""
+    try:
+        check_installed()
+    except PreflightError as e:
+        return [f"web/node_modules ({str(e).split('(fix: ')[-1].rstrip(')')})" if "(fix: " in str(e) else str(e)]
+    return []
+
+
 def copy_page(dest: Path, web: Path | None = None) -> dict:
     """index.html, app.js and the vendored runtime into ``dest``; returns {versions, files, bytes}."""
     web = web or web_dir()

@@ -68,6 +68,7 @@ def test_quickstart(tmp_path):
     assert (run_dir / "train" / "loss.png").exists()
 
     check_adapter_matches_merged(run_dir)
+    check_browser_rows(run_dir, rows, html)
 
     assert main(["run", str(recipe), "--quiet", "--set", f"output_dir={out}"]) == 0
     stages = json.loads((run_dir / "run.json").read_text())["stages"]
@@ -96,3 +97,21 @@ def check_adapter_matches_merged(run_dir: Path) -> None:
     assert kl_base > 10 * kl  # the adapter is what makes them agree
     prompt = ref["greedy_prompt_ids"][0]
     assert with_adapter.generate(prompt, 24, ref["stop_ids"]) == merged.generate(prompt, 24, ref["stop_ids"])
+
+
+def check_browser_rows(run_dir: Path, rows: dict, html: str) -> None:
+    """The bundles ran in headless chromium (wasm) with the HF tokenizer's ids, passed their gates,
+    and greedy output in the page equals native onnxruntime's on the same file."""
+    for target in ("web", "web-fp32"):
+        browser, native = rows[(target, "browser-wasm")], rows[(target, "onnxruntime")]
+        info = browser["machine"]["browser"]
+        assert info["device"] == "wasm" and info["crossOriginIsolated"] and info["tokenizer_check"]["ok"]
+        for row in (browser, native):
+            assert row["gate"] and row["gate"]["passed"], (target, row["runtime"], row["gate"])
+            assert row["decode_tps"]["n"] == 3 and row["decode_tps"]["mean"] > 0
+        outputs = [json.loads((run_dir / f"bench-{target}-{rt}" / "result.json").read_text())["greedy_outputs"]
+                   for rt in ("browser-wasm", "onnxruntime")]
+        assert outputs[0] == outputs[1], target
+    assert rows[("web", "browser-wasm")]["machine"]["browser"]["dtype"] == "q8"
+    assert rows[("web-q4", "onnxruntime")]["gate"]["passed"]
+    assert "Browser against native" in html

@@ -36,7 +36,7 @@ def bundle(spread_model_dir, tmp_path_factory):
 
     _vendor_or_skip()
     out = tmp_path_factory.mktemp("bundle")
-    manifest = export(spread_model_dir, out, {"dtypes": ["q4f16", "q4", "fp32"], "symmetric": False})
+    manifest = export(spread_model_dir, out, {"webgpu": ["q4f16", "q4"], "wasm": ["q8", "fp32"], "symmetric": False})
     return out, manifest
 
 
@@ -47,14 +47,16 @@ def test_layout_is_what_transformers_js_reads(bundle, spread_model_dir):
                  "vendor/ort/ort-wasm-simd-threaded.jsep.wasm", "vendor/ort/ort-wasm-simd-threaded.jsep.mjs"):
         assert (out / name).is_file(), name
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "onnx/model.onnx", "onnx/model_q4.onnx", "onnx/model_q4f16.onnx"):
+                 "onnx/model.onnx", "onnx/model_q4.onnx", "onnx/model_q4f16.onnx", "onnx/model_quantized.onnx"):
         assert (model / name).is_file(), name
     assert not list(out.glob(".bundle-*")), "the temporary build folder was left behind"
     b = json.loads((out / "bundle.json").read_text())
     assert b["model_id"] == "model"
-    # q4f16 needs shader-f16: offered to WebGPU first, never to wasm
-    assert b["dtypes"] == {"webgpu": ["q4f16", "q4", "fp32"], "wasm": ["q4", "fp32"]}
-    assert manifest["precision"] == "int4" and manifest["runtime_options"]["model_file"] == "models/model/onnx/model_q4.onnx"
+    assert b["dtypes"] == {"webgpu": ["q4f16", "q4"], "wasm": ["q8", "fp32"]}
+    assert b["files"]["q8"] == "models/model/onnx/model_quantized.onnx"
+    # native onnxruntime is compared on the file wasm loads first
+    assert manifest["precision"] == "int8"
+    assert manifest["runtime_options"]["model_file"] == "models/model/onnx/model_quantized.onnx"
     config = json.loads((model / "config.json").read_text())
     assert config["transformers.js_config"]["kv_cache_dtype"] == {"q4f16": "float16"}
     tok_cfg = json.loads((model / "tokenizer_config.json").read_text())
@@ -76,7 +78,8 @@ def test_graphs_use_only_what_onnxruntime_web_runs(bundle):
     from exporters.webgpu.browser_ops import browser_problems
 
     out, manifest = bundle
-    for dtype, name in (("q4", "model_q4.onnx"), ("q4f16", "model_q4f16.onnx"), ("fp32", "model.onnx")):
+    for dtype, name in (("q4", "model_q4.onnx"), ("q4f16", "model_q4f16.onnx"), ("fp32", "model.onnx"),
+                        ("q8", "model_quantized.onnx")):
         graph = onnx.load(str(out / "models/model/onnx" / name), load_external_data=False)
         assert browser_problems(graph) == [], dtype
         bits = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "bits"}
@@ -86,6 +89,9 @@ def test_graphs_use_only_what_onnxruntime_web_runs(bundle):
         assert levels <= {0}, "accuracy_level 4 computes differently natively than in the browser"
     q4 = onnx.load(str(out / "models/model/onnx/model_q4.onnx"), load_external_data=False)
     assert any(n.op_type == "MatMulNBits" and n.name.endswith("lm_head") for n in q4.graph.node)
+    q8 = onnx.load(str(out / "models/model/onnx/model_quantized.onnx"), load_external_data=False)
+    ops = {n.op_type for n in q8.graph.node}
+    assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops and "MatMulNBits" not in ops
 
 
 def test_native_onnxruntime_runs_the_bundles_file(bundle, spread_model_dir):
@@ -95,7 +101,7 @@ def test_native_onnxruntime_runs_the_bundles_file(bundle, spread_model_dir):
     rt = OnnxRuntime(out, threads=1, model_file=manifest["runtime_options"]["model_file"])
     ids = [5, 17, 42, 99, 3]
     assert len(rt.generate(ids, 8)) == 8
-    size = sum(p.stat().st_size for p in (out / "models/model/onnx").glob("model_q4.onnx*"))
+    size = sum(p.stat().st_size for p in (out / "models/model/onnx").glob("model_quantized.onnx*"))
     assert abs(rt_size_mb(rt) - size / 2**20) < 1e-6, "native size counts the graph and its data only"
 
 
@@ -112,8 +118,9 @@ def test_external_data_is_renamed_and_chunked(spread_model_dir, tmp_path, monkey
 
     _vendor_or_skip()
     monkeypatch.setattr(layout, "CHUNK_BYTES", 64 * 1024)  # force several chunks on a tiny model
-    export(spread_model_dir, tmp_path / "inline", {"dtypes": ["fp32"], "graph": "standard", "external_data": False})
-    export(spread_model_dir, tmp_path / "ext", {"dtypes": ["fp32"], "graph": "standard", "external_data": True})
+    fp32 = {"webgpu": ["fp32"], "wasm": ["fp32"], "graph": "standard"}
+    export(spread_model_dir, tmp_path / "inline", {**fp32, "external_data": False})
+    export(spread_model_dir, tmp_path / "ext", {**fp32, "external_data": True})
     onnx_dir = tmp_path / "ext/models/model/onnx"
     chunks = sorted(p.name for p in onnx_dir.glob("model.onnx_data*"))
     assert chunks[0] == "model.onnx_data" and "model.onnx_data_1" in chunks
@@ -130,12 +137,13 @@ def test_external_data_is_renamed_and_chunked(spread_model_dir, tmp_path, monkey
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"dtypes": ["q8"]}, "MatMulNBits bits=8"),
-    ({"dtypes": ["fp16", "q4f16"]}, "shader-f16"),
-    ({"dtypes": ["int2"]}, "transformers.js dtype"),
-    ({"dtypes": ["q4", "q4"]}, "twice"),
-    ({"dtypes": ["q4"], "graph": "standard"}, "graph: fused"),
-    ({"lm_head": "int8"}, "int8 heads are refused"),
+    ({"webgpu": ["fp16", "q4f16"]}, "shader-f16"),
+    ({"wasm": ["fp16"]}, "float16 compute has no onnxruntime-web wasm kernels"),
+    ({"wasm": ["int2"]}, "transformers.js dtype"),
+    ({"webgpu": []}, "non-empty list"),
+    ({"wasm": ["q8", "q8"]}, "twice"),
+    ({"webgpu": ["fp32"], "wasm": ["q8"], "graph": "standard"}, "graph: fused"),
+    ({"lm_head": "int8"}, "8-bit MatMulNBits head is refused"),
     ({"external_data": "yes"}, "external_data"),
     ({"model_id": "../up"}, "model_id"),
     ({"colour": "red"}, "unknown webgpu export option"),

@@ -29,7 +29,7 @@ def bundle(spread_model_dir, tmp_path_factory):
 
     browser_tools_or_skip()
     out = tmp_path_factory.mktemp("bundle")
-    manifest = export(spread_model_dir, out, {"dtypes": ["q4f16", "q4", "fp32"], "symmetric": False})
+    manifest = export(spread_model_dir, out, {"webgpu": ["q4f16", "q4"], "wasm": ["q8", "fp32"], "symmetric": False})
     return out, manifest
 
 
@@ -64,8 +64,8 @@ def wasm(bundle):
 
 
 def test_wasm_picks_the_bundles_wasm_dtype_cross_origin_isolated(wasm):
-    assert wasm.loaded["device"] == "wasm" and wasm.loaded["dtype"] == "q4"
-    assert wasm.precision == "int4"
+    assert wasm.loaded["device"] == "wasm" and wasm.loaded["dtype"] == "q8"
+    assert wasm.precision == "int8"
     assert wasm.loaded["crossOriginIsolated"], "without COOP/COEP onnxruntime-web runs one wasm thread"
 
 
@@ -107,7 +107,7 @@ def test_wasm_bench_fills_the_shared_schema(wasm, prompts):
     assert r["runtime"] == "browser-wasm"
     assert r["decode_tps"]["n"] == 2 and r["decode_tps"]["min"] > 0
     assert r["prefill_tps"]["mean"] > 0 and r["ttft_ms"]["mean"] > 0
-    assert r["machine"]["browser"]["dtype"] == "q4" and r["artifact_mb"] > 0
+    assert r["machine"]["browser"]["dtype"] == "q8" and r["artifact_mb"] > 0
     assert r["machine"]["browser"]["tokenizer_check"]["mismatches"] == []
 
 

@@ -149,7 +149,15 @@ async function guarded(fn) {
 }
 
 // ---------------------------------------------------------------------------- the API
-async function load({ device, dtype, model_id, threads, log_level } = {}) {
+// onnxruntime-web ships two wasm builds. The JSEP one (WebGPU/WebNN kernels) is built with
+// asyncify so its kernels can await the GPU, which also slows every CPU kernel; without a GPU the
+// plain build runs the same CPU kernels faster (measured on SmolLM2-135M q8: ~1.4x decode).
+const WASM_BUILDS = {
+  plain: { mjs: './vendor/ort/ort-wasm-simd-threaded.mjs', wasm: './vendor/ort/ort-wasm-simd-threaded.wasm' },
+  jsep: { mjs: './vendor/ort/ort-wasm-simd-threaded.jsep.mjs', wasm: './vendor/ort/ort-wasm-simd-threaded.jsep.wasm' },
+};
+
+async function load({ device, dtype, model_id, threads, log_level, wasm_build } = {}) {
   if (state.model) throw new Error('a model is already loaded in this page; reload to load another');
   if (state.broken) throw new Error(`an earlier load failed (${state.broken}); reload the page`);
   const b = await bundle();
@@ -160,7 +168,14 @@ async function load({ device, dtype, model_id, threads, log_level } = {}) {
     throw new Error(`dtype ${dtype} needs shader-f16, which this WebGPU adapter lacks`);
   }
   dtype ??= pickDtype(device, gpu);
-  if (threads) env.backends.onnx.wasm.numThreads = threads; // before the first session is created
+  // before the first session is created: one wasm module per page
+  wasm_build ??= device === 'wasm' ? 'plain' : 'jsep';
+  if (!WASM_BUILDS[wasm_build] || (device !== 'wasm' && wasm_build !== 'jsep')) {
+    throw new Error(`wasm_build ${JSON.stringify(wasm_build)}: 'plain' or 'jsep' on wasm, 'jsep' on ${device}`);
+  }
+  const build = WASM_BUILDS[wasm_build];
+  env.backends.onnx.wasm.wasmPaths = { mjs: new URL(build.mjs, location.href).href, wasm: new URL(build.wasm, location.href).href };
+  if (threads) env.backends.onnx.wasm.numThreads = threads;
   if (log_level) env.backends.onnx.logLevel = log_level; // 'verbose' shows onnxruntime's node placement
   const id = model_id ?? b.model_id;
   const t0 = performance.now();
@@ -178,6 +193,7 @@ async function load({ device, dtype, model_id, threads, log_level } = {}) {
     load_ms, device, dtype, model_id: id,
     adapter_info: gpu.ok ? { ...gpu.info, shader_f16: gpu.shader_f16 } : null,
     threads: env.backends.onnx.wasm.numThreads ?? null,
+    wasm_build,
     crossOriginIsolated: self.crossOriginIsolated,
     eos_token_id: state.eos,
   };
