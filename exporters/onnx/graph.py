@@ -115,9 +115,13 @@ class GraphBuilder:
     # -- opset-dependent helpers --------------------------------------------------------------
     def reduce_mean(self, x: str, axes: Sequence[int], keepdims: bool = True, name: str | None = None) -> str:
         """ReduceMean: axes is an attribute up to opset 17 and an input from opset 18."""
+        return self.reduce("ReduceMean", x, axes, keepdims, name)
+
+    def reduce(self, op: str, x: str, axes: Sequence[int], keepdims: bool = True, name: str | None = None) -> str:
+        """Reduce* ops: axes is an attribute up to opset 17 and an input from opset 18."""
         if self.opset >= 18:
-            return self.op("ReduceMean", [x, self.const(list(axes))], name=name, keepdims=int(keepdims))
-        return self.op("ReduceMean", [x], name=name, axes=list(axes), keepdims=int(keepdims))
+            return self.op(op, [x, self.const(list(axes))], name=name, keepdims=int(keepdims))
+        return self.op(op, [x], name=name, axes=list(axes), keepdims=int(keepdims))
 
     # -- output -------------------------------------------------------------------------------
     def _tensor(self, name: str, array: np.ndarray, data_file, location: str) -> TensorProto:

@@ -31,6 +31,10 @@ GATES = {
     # base F16 GGUF + adapter GGUF applied by llama.cpp vs the merged F16 GGUF: same function up to
     # fp16 rounding of the merged weights and llama.cpp's batched-vs-single kernels (KL ~2e-4)
     "lora_vs_merged_kl_max": 5e-3,
+    # q8 in the browser vs native on the same file: measured KL 0.0410 vs 0.0425, top-1 86.3% vs 86.7%;
+    # a broken page (wrong cache, mask or dtype) moves KL by whole units
+    "q8_browser_vs_native_kl": 0.01,
+    "q8_browser_vs_native_top1": 0.03,
 }
 
 
@@ -100,8 +104,10 @@ def check_adapter_matches_merged(run_dir: Path) -> None:
 
 
 def check_browser_rows(run_dir: Path, rows: dict, html: str) -> None:
-    """The bundles ran in headless chromium (wasm) with the HF tokenizer's ids, passed their gates,
-    and greedy output in the page equals native onnxruntime's on the same file."""
+    """The bundles ran in headless chromium (wasm) with the HF tokenizer's ids and passed their gates.
+    fp32: greedy output in the page equals native onnxruntime's on the same file. q8 quantises
+    activations per token at run time, so a summation-order difference can move a value across a
+    rounding boundary and a near-tie greedy step with it: there the page must score as native does."""
     for target in ("web", "web-fp32"):
         browser, native = rows[(target, "browser-wasm")], rows[(target, "onnxruntime")]
         info = browser["machine"]["browser"]
@@ -109,9 +115,12 @@ def check_browser_rows(run_dir: Path, rows: dict, html: str) -> None:
         for row in (browser, native):
             assert row["gate"] and row["gate"]["passed"], (target, row["runtime"], row["gate"])
             assert row["decode_tps"]["n"] == 3 and row["decode_tps"]["mean"] > 0
-        outputs = [json.loads((run_dir / f"bench-{target}-{rt}" / "result.json").read_text())["greedy_outputs"]
-                   for rt in ("browser-wasm", "onnxruntime")]
-        assert outputs[0] == outputs[1], target
+    outputs = [json.loads((run_dir / f"bench-web-fp32-{rt}" / "result.json").read_text())["greedy_outputs"]
+               for rt in ("browser-wasm", "onnxruntime")]
+    assert outputs[0] == outputs[1]
+    q_browser, q_native = rows[("web", "browser-wasm")]["quality"], rows[("web", "onnxruntime")]["quality"]
+    assert abs(q_browser["kl_mean"] - q_native["kl_mean"]) <= GATES["q8_browser_vs_native_kl"]
+    assert abs(q_browser["top1_agreement"] - q_native["top1_agreement"]) <= GATES["q8_browser_vs_native_top1"]
     assert rows[("web", "browser-wasm")]["machine"]["browser"]["dtype"] == "q8"
     assert rows[("web-q4", "onnxruntime")]["gate"]["passed"]
     assert "Browser against native" in html
