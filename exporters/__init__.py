@@ -1,1 +1,20 @@
 """Exporters: one package per target format, each exposing ``export(model_dir, out_dir, config)``."""
+
+from dataclasses import fields
+
+
+def coerce_options(cls, value, what: str):
+    """An exporter's options dataclass from itself, a recipe's plain dict, or None (defaults);
+    unknown keys are refused with the known ones listed. ``what`` names the options in messages."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(value) - set(known))
+        if unknown:
+            raise ValueError(f"unknown {what} option(s) {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(map(repr, known))}")
+        return cls(**value)
+    raise TypeError(f"{what} config must be a {cls.__name__}, a dict or None, got {type(value).__name__}")

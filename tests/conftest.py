@@ -118,3 +118,14 @@ def spread_model_dir(tmp_path_factory, dates_rows) -> Path:
     out = tmp_path_factory.mktemp("spread-llama")
     build_spread_llama(out, [m["content"] for r in dates_rows for m in r["messages"]])
     return out
+
+
+@pytest.fixture(scope="session")
+def mixed_bundle(spread_model_dir, tmp_path_factory):
+    """A browser bundle of the spread model with every dtype kind: WebGPU q4f16/q4, wasm q8/fp32.
+    Returns (folder, manifest). Callers skip first when the page's npm packages or the browser are missing."""
+    from exporters.webgpu import export
+
+    out = tmp_path_factory.mktemp("bundle")
+    manifest = export(spread_model_dir, out, {"webgpu": ["q4f16", "q4"], "wasm": ["q8", "fp32"], "symmetric": False})
+    return out, manifest

@@ -1,7 +1,7 @@
 """Typed configuration of the ONNX exporter, validated when it is built (imports nothing heavy)."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import numpy as np
 from onnx import TensorProto
@@ -142,18 +142,9 @@ class OnnxExportConfig:
     @classmethod
     def coerce(cls, value: "OnnxExportConfig | dict | None") -> "OnnxExportConfig":
         """Accept a config, a plain dict from a recipe, or None (defaults)."""
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            known = [f.name for f in fields(cls)]
-            unknown = sorted(set(value) - set(known))
-            if unknown:
-                raise ValueError(f"unknown ONNX export option(s) {', '.join(map(repr, unknown))}; "
-                                 f"known: {', '.join(map(repr, known))}")
-            return cls(**value)
-        raise TypeError(f"ONNX export config must be an OnnxExportConfig, a dict or None, got {type(value).__name__}")
+        from exporters import coerce_options
+
+        return coerce_options(cls, value, "ONNX export")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -5,7 +5,7 @@ picks the first one of its device's list it can run (``bundle.json``). Format fa
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -155,18 +155,10 @@ class WebgpuExportConfig:
 
     @classmethod
     def coerce(cls, value: "WebgpuExportConfig | dict | None") -> "WebgpuExportConfig":
-        if value is None:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, dict):
-            known = [f.name for f in fields(cls)]
-            unknown = sorted(set(value) - set(known))
-            if unknown:
-                raise ValueError(f"unknown webgpu export option(s) {', '.join(map(repr, unknown))}; "
-                                 f"known: {', '.join(map(repr, known))}")
-            return cls(**value)
-        raise TypeError(f"webgpu export config must be a WebgpuExportConfig, a dict or None, got {type(value).__name__}")
+        """Accept a config, a plain dict from a recipe, or None (defaults)."""
+        from exporters import coerce_options
+
+        return coerce_options(cls, value, "webgpu export")
 
     def to_dict(self) -> dict:
         d = asdict(self)

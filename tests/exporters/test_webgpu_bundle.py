@@ -31,13 +31,9 @@ def _vendor_or_skip():
 
 
 @pytest.fixture(scope="module")
-def bundle(spread_model_dir, tmp_path_factory):
-    from exporters.webgpu import export
-
+def bundle(request):
     _vendor_or_skip()
-    out = tmp_path_factory.mktemp("bundle")
-    manifest = export(spread_model_dir, out, {"webgpu": ["q4f16", "q4"], "wasm": ["q8", "fp32"], "symmetric": False})
-    return out, manifest
+    return request.getfixturevalue("mixed_bundle")
 
 
 def test_layout_is_what_transformers_js_reads(bundle, spread_model_dir):

@@ -24,13 +24,9 @@ GREEDY_TOKENS = 24
 
 
 @pytest.fixture(scope="module")
-def bundle(spread_model_dir, tmp_path_factory):
-    from exporters.webgpu import export
-
+def bundle(request):
     browser_tools_or_skip()
-    out = tmp_path_factory.mktemp("bundle")
-    manifest = export(spread_model_dir, out, {"webgpu": ["q4f16", "q4"], "wasm": ["q8", "fp32"], "symmetric": False})
-    return out, manifest
+    return request.getfixturevalue("mixed_bundle")
 
 
 @pytest.fixture(scope="module")
