@@ -254,3 +254,31 @@ def test_quantize_embedding_needs_block_dividing_hidden(tiny):
     _, root = tiny
     with pytest.raises(PreflightError, match="multiple of `block_size`"):
         preflight(root / "hf", {"precision": "int4", "quantize_embedding": True, "block_size": 128})
+
+
+def test_integer_int8_quantises_activations_per_token(tmp_path):
+    """int8_kernel integer (the browser's q8): each token gets its own activation scale, so one
+    outlier token (SmolLM2's first token is ~100x the others) does not flatten the rest, and the
+    kernel equals a numpy emulation of the same rounding exactly (integer GEMM)."""
+    from exporters.onnx.graph import GraphBuilder
+    from exporters.onnx.integer import integer_linear, quantize_per_channel
+
+    rng = np.random.default_rng(3)
+    k, n = 96, 40
+    w = rng.normal(size=(n, k)).astype(np.float32)
+    x = rng.normal(size=(1, 3, k)).astype(np.float32)
+    x[0, 0] *= 100.0  # an outlier token
+    g = GraphBuilder("one_linear", 17)
+    inp = g.input("x", TensorProto.FLOAT, [1, "s", k])
+    g.output(integer_linear(g, inp, w, "lin"), TensorProto.FLOAT, [1, "s", n], name="y")
+    g.save(tmp_path / "m.onnx", "m.onnx_data")
+    got = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+
+    wq, w_scale = quantize_per_channel(w)
+    x_scale = np.maximum(np.abs(x).max(-1, keepdims=True), 1e-8) / np.float32(127)
+    xq = np.clip(np.round(x / x_scale), -127, 127)
+    emulated = (xq @ wq.astype(np.float32)) * x_scale * w_scale
+    np.testing.assert_allclose(got, emulated, rtol=1e-5, atol=1e-4)
+    exact = x @ w.T
+    rel = np.abs(got - exact).max(-1) / np.abs(exact).max(-1)
+    assert rel[0, 1:].max() < 0.03, "ordinary tokens keep int8 precision beside an outlier token"
