@@ -64,11 +64,14 @@ export function parseRange(header, size) {
   return start > end || start >= size ? 'bad' : [start, end];
 }
 
-/** Serve `root` on 127.0.0.1 at a free port. Resolves to {server, origin}. */
-export async function serveBundle(root) {
+/** Serve `root` on 127.0.0.1 at a free port ({plain: true}: without isolation headers or Range
+ * support, like a bare static server). Resolves to {server, origin}. */
+export async function serveBundle(root, { plain = false } = {}) {
   root = resolve(root);
+  // plain: what a bare static server sends (no isolation headers, no Range): the page must still work
   const server = createServer(async (req, res) => {
-    const headers = { ...ISOLATION, 'Cache-Control': 'no-store', 'Accept-Ranges': 'bytes' };
+    const headers = plain ? { 'Cache-Control': 'no-store' } : { ...ISOLATION, 'Cache-Control': 'no-store', 'Accept-Ranges': 'bytes' };
+    if (plain) delete req.headers.range;
     try {
       const path = decodeURIComponent(new URL(req.url, 'http://x').pathname);
       let file = resolve(root, '.' + (path.endsWith('/') ? path + 'index.html' : path));

@@ -31,10 +31,11 @@ GATES = {
     # base F16 GGUF + adapter GGUF applied by llama.cpp vs the merged F16 GGUF: same function up to
     # fp16 rounding of the merged weights and llama.cpp's batched-vs-single kernels (KL ~2e-4)
     "lora_vs_merged_kl_max": 5e-3,
-    # q8 in the browser vs native on the same file: measured KL 0.0410 vs 0.0425, top-1 86.3% vs 86.7%;
-    # a broken page (wrong cache, mask or dtype) moves KL by whole units
+    # q8 in the browser vs native on the same file (activation rounding flips): measured KL 0.0410 vs
+    # 0.0425 and 0.0424 vs 0.0451, top-1 86.3% vs 86.7% and 89.8% vs 87.5%; a broken page (wrong
+    # cache, mask or dtype) moves KL by whole units and top-1 by tens of points
     "q8_browser_vs_native_kl": 0.01,
-    "q8_browser_vs_native_top1": 0.03,
+    "q8_browser_vs_native_top1": 0.05,
 }
 
 

@@ -10,8 +10,8 @@ import { chromium } from 'playwright-core';
 import { chromiumOptions, serveBundle } from '../driver.mjs';
 import { tinyBundle } from './helpers.mjs';
 
-test('chat: picks a device and a usable dtype, streams a reply, shows timings', async () => {
-  const { server, origin } = await serveBundle(tinyBundle());
+async function chatOnce({ plain = false } = {}) {
+  const { server, origin } = await serveBundle(tinyBundle(), { plain });
   const profile = mkdtempSync(join(tmpdir(), 'edgesmith-ui-'));
   const context = await chromium.launchPersistentContext(profile, chromiumOptions());
   try {
@@ -39,9 +39,18 @@ test('chat: picks a device and a usable dtype, streams a reply, shows timings', 
     assert.ok(reply.length > 0 && !reply.startsWith('error'), `reply: ${reply}`);
     assert.match(await page.textContent('#stats'), /first token \d+ ms · [\d.]+ tok\/s/);
     assert.deepEqual(outside, []);
+    return await page.evaluate(() => self.crossOriginIsolated);
   } finally {
     await context.close();
     server.close();
     rmSync(profile, { recursive: true, force: true });
   }
+}
+
+test('chat: picks a device and a usable dtype, streams a reply, shows timings', async () => {
+  assert.equal(await chatOnce(), true);
+});
+
+test('chat from a plain static server (no COOP/COEP, no Range): still chats, not isolated', async () => {
+  assert.equal(await chatOnce({ plain: true }), false);
 });
