@@ -98,7 +98,7 @@ EXPORTERS = Registry("exporter", [
           "the LoRA adapter as a GGUF adapter applied at load time over a base GGUF",
           config="exporters.gguf.config:GgufLoraConfig", needs=("adapter",)),
     Entry("webgpu", "exporters.webgpu:export", "onnx", ("onnx", "numpy"),
-          "browser bundle: transformers.js model folder (fp32/fp16/q4/q4f16), chat page and vendored onnxruntime-web",
+          "browser bundle: transformers.js model folder (fp32/fp16/q8/q4/q4f16), chat page and vendored onnxruntime-web",
           config="exporters.webgpu.config:WebgpuExportConfig", needs=("imatrix",),
           install="pip install 'edgesmith[onnx]' and cd web && npm run setup",
           tools="exporters.webgpu.vendor:missing_packages"),
@@ -126,6 +126,7 @@ DEFAULT_RUNTIMES = {
     "onnx": ["onnxruntime"],
     "gguf": ["llama.cpp"],
     "gguf-lora": ["llama.cpp"],
-    # the native row runs the very file the wasm page loads: the browser-vs-native ratio
-    "webgpu": ["browser-wasm", "browser-webgpu", "onnxruntime"],
+    # the native row runs the very file the wasm page loads: the browser-vs-native ratio. WebGPU is
+    # listed by the recipe where a GPU exists: without one, chromium's SwiftShader takes minutes per token
+    "webgpu": ["browser-wasm", "onnxruntime"],
 }
