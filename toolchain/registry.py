@@ -102,6 +102,12 @@ EXPORTERS = Registry("exporter", [
           config="exporters.webgpu.config:WebgpuExportConfig", needs=("imatrix",),
           install="pip install 'edgesmith[onnx]' and cd web && npm run setup",
           tools="exporters.webgpu.vendor:missing_packages"),
+    Entry("webllm", "exporters.webllm:export", "webllm", ("numpy", "tvm"),
+          "WebLLM bundle: MLC weights (q0f32/q0f16/q4f32_1/q4f16_1) checked by a NumPy forward, mlc-chat-config.json, "
+          "WebGPU model libraries compiled with apache-tvm + emscripten, chat page on @mlc-ai/web-llm",
+          config="exporters.webllm.config:WebllmExportConfig", needs=("reference",),
+          install="pip install 'edgesmith[webllm]', apt-get install emscripten and cd web && npm run setup",
+          tools="exporters.webllm.vendor:missing_packages"),
 ])
 
 RUNTIMES = Registry("runtime", [
@@ -119,6 +125,9 @@ RUNTIMES = Registry("runtime", [
     Entry("browser-webgpu", "runtimes.browser_runtime:BrowserWebgpuRuntime", None, ("numpy",),
           "a browser bundle in headless chromium on WebGPU (--enable-unsafe-webgpu; software adapter without a GPU)",
           tools="runtimes.browser_runtime:missing_tools"),
+    Entry("browser-webllm", "runtimes.webllm_runtime:BrowserWebllmRuntime", None, ("numpy",),
+          "a WebLLM bundle in headless chromium through @mlc-ai/web-llm's engine on WebGPU (software adapter "
+          "without a GPU: f32 quantisations only)", tools="runtimes.browser_runtime:missing_tools"),
 ])
 
 # Which runtimes can run each exporter's output by default.
@@ -129,4 +138,5 @@ DEFAULT_RUNTIMES = {
     # the native row runs the very file the wasm page loads: the browser-vs-native ratio. WebGPU is
     # listed by the recipe where a GPU exists: without one, chromium's SwiftShader takes minutes per token
     "webgpu": ["browser-wasm", "onnxruntime"],
+    "webllm": ["browser-webllm"],
 }

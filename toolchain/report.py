@@ -311,7 +311,7 @@ def _browser_section(bench: list[dict]) -> tuple:
     rows = []
     for r in bench:
         info = (r.get("machine") or {}).get("browser") if isinstance(r.get("machine"), dict) else None
-        if not isinstance(info, dict):
+        if not isinstance(info, dict) or r.get("runtime") == "browser-webllm":  # its own section
             continue
         nat = next((n for n in bench if n.get("target") == r.get("target") and n.get("runtime") == "onnxruntime"), None)
         adapter = info.get("adapter_info") if info.get("device") == "webgpu" else None
@@ -399,6 +399,11 @@ def build_sections(data: dict, have: set[str]) -> tuple[str, list[tuple]]:
         if any(isinstance((r.get("machine") or {}).get("browser"), dict) for r in bench
                if isinstance(r.get("machine"), dict)):
             sections.append(_browser_section(bench))
+    if _dicts(data.get("webllm")):
+        from toolchain.report_webllm import webllm_section
+
+        sections.append(webllm_section(_dicts(data["webllm"]), bench))
+    if bench:
         sections += [_warnings_section(bench), _settings_section(bench)]
     if _dicts(data.get("stages")):
         sections.append(_stages_section(_dicts(data["stages"])))

@@ -25,7 +25,9 @@ def collect(ctx, inputs: dict[str, Artifact]) -> dict:
         data["train"] = dict(inputs["train"].figures)
     if "eval" in inputs:
         data["task"] = dict(inputs["eval"].figures)
-    targets, bench = [], []
+    from toolchain.report_webllm import collect_webllm
+
+    targets, bench, webllm = [], [], []
     for sid, art in inputs.items():
         if sid.startswith("export-"):
             f = art.figures
@@ -33,6 +35,8 @@ def collect(ctx, inputs: dict[str, Artifact]) -> dict:
             targets.append({"name": f.get("target", sid[7:]), "format": f.get("format"),
                             "precision": f.get("precision"), "size_mb": size, "export_s": f.get("export_s"),
                             "imatrix": f.get("imatrix")})
+            if collect_webllm(f):
+                webllm.append(collect_webllm(f))
         elif sid.startswith("bench-"):
             row = dict(art.figures)
             row.pop("greedy_outputs", None)
@@ -42,6 +46,8 @@ def collect(ctx, inputs: dict[str, Artifact]) -> dict:
         data["targets"] = targets
     if bench:
         data["bench"] = bench
+    if webllm:
+        data["webllm"] = webllm
     steps = getattr(ctx, "steps", None) or []
     data["stages"] = [{"stage": st.stage.id, "key": st.key, "cached": st.status == "cached", "wall_s": st.wall_s}
                       for st in steps]

@@ -135,6 +135,8 @@ def export_extras(entry, inputs: dict[str, Artifact]) -> dict:
         extras["calibration"] = inputs["calibrate"].path / "calibration.json"
     if "imatrix" in entry.needs and "imatrix" in inputs:
         extras["imatrix"] = inputs["imatrix"].path / "imatrix.gguf"
+    if "reference" in entry.needs and "reference" in inputs:
+        extras["reference"] = inputs["reference"].path
     if "adapter" in entry.needs:
         extras["adapter_dir"] = inputs["train"].path
         extras["base_dir"] = inputs["model"].path
@@ -275,6 +277,8 @@ def plan(recipe: Recipe) -> list[Stage]:
             needs.append("imatrix")
         if getattr(cfg, "needs_adapter", False):
             needs += [i for i in ("model", "train") if i not in needs]
+        if "reference" in EXPORTERS.get(t.format).needs:  # checks its files on the reference's quality ids
+            needs.append("reference")
         stages.append(Stage(eid, "export", needs, {"format": t.format, "options": t.options},
                             _with_merge_alias(make_export(t), merged), f"export {t.format} {t.options or ''}".strip()))
         for rt in t.bench_runtimes:
