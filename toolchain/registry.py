@@ -127,7 +127,7 @@ RUNTIMES = Registry("runtime", [
           tools="runtimes.browser_runtime:missing_tools"),
     Entry("browser-webllm", "runtimes.webllm_runtime:BrowserWebllmRuntime", None, ("numpy",),
           "a WebLLM bundle in headless chromium through @mlc-ai/web-llm's engine on WebGPU (software adapter "
-          "without a GPU: f32 quantisations only)", tools="runtimes.browser_runtime:missing_tools"),
+          "without a GPU: f32 quantisations only)", tools="runtimes.webllm_runtime:missing_tools"),
 ])
 
 # Which runtimes can run each exporter's output by default.

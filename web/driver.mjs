@@ -26,6 +26,7 @@ const MIME = {
   '.html': 'text/html; charset=utf-8', '.js': 'text/javascript', '.mjs': 'text/javascript',
   '.json': 'application/json', '.wasm': 'application/wasm', '.css': 'text/css',
   '.onnx': 'application/octet-stream', '.onnx_data': 'application/octet-stream', '.txt': 'text/plain',
+  '.bin': 'application/octet-stream', // WebLLM bundles: params_shard_*.bin
 };
 const ISOLATION = {
   'Cross-Origin-Opener-Policy': 'same-origin',
@@ -107,6 +108,10 @@ function settingsProblems(job) {
   if (typeof job.bundle !== 'string') problems.push('`bundle` must be a folder path');
   if (!['wasm', 'webgpu'].includes(job.device)) problems.push(`\`device\` must be "wasm" or "webgpu", got ${JSON.stringify(job.device)}`);
   if (job.timeout_s !== undefined && !(job.timeout_s > 0)) problems.push(`\`timeout_s\` must be a positive number, got ${job.timeout_s}`);
+  const lo = job.load_options;
+  if (lo !== undefined && (lo === null || typeof lo !== 'object' || Array.isArray(lo))) {
+    problems.push(`\`load_options\` must be a JSON object (extra fields for the page's load()), got ${JSON.stringify(lo)}`);
+  }
   return problems;
 }
 
@@ -234,8 +239,8 @@ class BundlePage {
 
   load() {
     this.step = 'load';
-    const { device, dtype, model_id, threads, log_level, wasm_build } = this.job;
-    return this.call('load', [{ device, dtype, model_id, threads, log_level, wasm_build }]);
+    const { device, dtype, model_id, threads, log_level, wasm_build, load_options } = this.job;
+    return this.call('load', [{ ...load_options, device, dtype, model_id, threads, log_level, wasm_build }]);
   }
 
   /** Throws if the page requested a non-local URL since blocked.length was `since`. */
@@ -315,7 +320,11 @@ export async function runJob(job) {
 // ---------------------------------------------------------------------------- session mode
 // node driver.mjs --session: JSON lines on stdin, one JSON reply line per line on stdout.
 //   header  {bundle, device, dtype?, model_id?, threads?, timeout_s? (per call, default 600), log_level?,
-//            wasm_build? ('plain' (default on wasm) | 'jsep')}
+//            wasm_build? ('plain' (default on wasm) | 'jsep'), load_options? (object: more fields for
+//            the page's load(), e.g. a WebLLM bundle's {chat_opts, cache_backend})}
+//           A WebLLM bundle (exporters/webllm: index.html + app-config.json) is driven the same way
+//           with device "webgpu": its page has the same load/info/greedy/bench/logitsAll/encode/chatIds
+//           ops over @mlc-ai/web-llm's engine, plus chat and decode.
 //        -> {"ok": true, "load", "crossOriginIsolated", "info"}
 //           | {"ok": false, "error", "failed_step", "console", "http_errors"} and exit 1
 //   call    {op, args?: list, save?: path}

@@ -1,0 +1,202 @@
+"""A WebLLM bundle (exporters.webllm) run in headless Debian chromium through @mlc-ai/web-llm's engine.
+
+Same driver as the ONNX bundle's browser runtime (``node web/driver.mjs --session``: the bundle served
+on 127.0.0.1, its own index.html opened in chromium with WebGPU on, every non-local request blocked),
+but the page is the WebLLM chat page: the model is loaded by web-llm's ``MLCEngine`` from the bundle's
+app-config.json, so what is measured is the engine a user's page runs.
+
+- ``generate``: greedy through the engine's ``forwardTokensAndSample`` (prefill over the ids, then
+  one-token decode steps with web-llm's paged KV cache), temperature 0, stopping at a stop id;
+- ``bench``: the page's llama-bench-style loop in the shared schema (prefill = the prompt until the
+  first token is on the CPU, decode = gen_tokens - 1 steps, never stopping at EOS);
+- ``logits``: web-llm's engine exposes no logits; the page reads them through a ``LogitProcessor``
+  (attached only for that call), feeding one token per step, so row t is the decode-path logits
+  after ids[:t+1]. It costs one engine step per position: quality rows should rely on greedy match
+  and use ``logits`` only on short sequences;
+- ``prefill``/``decode`` exist for the contract only: the KV cache lives in the page, so ``decode``
+  recomputes the sequence.
+
+Options: ``model_id`` (an app-config model id; default bundle.json's primary quantisation's, else the
+first record), ``quant`` (picks ``<model>-<quant>-MLC``-style ids by suffix), ``timeout_s`` per call
+(default 1800), ``chromium``, ``cache_backend`` (web-llm's: cache | indexeddb | opfs).
+Only WebGPU: on a machine without a GPU chromium's SwiftShader adapter runs it (no shader-f16, so f32
+quantisations only) and its speed says nothing about a GPU.
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from toolchain.benchschema import BenchResult, BenchSettings, Stat, load_warning, machine_state
+
+from .base import dir_size_mb
+from .browser_runtime import SOFTWARE_ADAPTERS, BrowserRuntime
+
+APP_CONFIG = "app-config.json"
+
+
+class BrowserWebllmRuntime(BrowserRuntime):
+    name = "browser-webllm"
+    device = "webgpu"
+
+    # -- the bundle -------------------------------------------------------------------------------
+    def _app_config(self) -> dict:
+        path = self.artifact_dir / APP_CONFIG
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: {self.artifact_dir} is not a WebLLM bundle (fix: export it "
+                                    f"with the `webllm` format)")
+        return json.loads(path.read_text())
+
+    def model_id(self) -> str:
+        """The app-config model id this runtime loads (options model_id, quant, then bundle.json's primary)."""
+        ids = [r["model_id"] for r in self._app_config().get("model_list", [])]
+        wanted = self.options.get("model_id")
+        quant = self.options.get("quant")
+        if wanted is None and quant is None:
+            bundle = self.artifact_dir / "bundle.json"
+            quant = json.loads(bundle.read_text()).get("primary") if bundle.is_file() else None
+            if quant is None:
+                return ids[0] if ids else ""
+        if wanted is None:
+            hits = [i for i in ids if f"-{quant}" in i or i.endswith(quant)]
+            if len(hits) != 1:
+                raise ValueError(f"{self.name}: quant {quant!r} matches {hits or 'no'} model ids of {APP_CONFIG} "
+                                 f"({', '.join(ids)}) (fix: pass model_id= one of them)")
+            return hits[0]
+        if wanted not in ids:
+            raise ValueError(f"{self.name}: model_id {wanted!r} is not in {APP_CONFIG} ({', '.join(ids)}) "
+                             f"(fix: one of those)")
+        return wanted
+
+    # -- the driver session ---------------------------------------------------------------------
+    def load(self) -> None:
+        import os
+        import subprocess
+        import tempfile
+
+        from exporters.webgpu.vendor import web_dir
+
+        from .browser_runtime import chromium_path
+        from .browser_runtime import missing_tools as browser_missing
+
+        self._app_config()
+        model_id = self.model_id()
+        missing = browser_missing(self.options.get("chromium"))  # the bundle carries web-llm itself
+        if missing:
+            raise RuntimeError(f"the {self.name} runtime needs: {'; '.join(missing)}")
+        self.timeout_s = float(self.options.get("timeout_s", 1800))
+        self._before = machine_state()
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        env = dict(os.environ, CHROMIUM=chromium_path(self.options.get("chromium")))
+        self.proc = subprocess.Popen(["node", str(web_dir() / "driver.mjs"), "--session"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
+        load_options = {k: self.options[k] for k in ("cache_backend",) if self.options.get(k)}
+        header = {"bundle": str(self.artifact_dir.resolve()), "device": "webgpu", "timeout_s": self.timeout_s,
+                  "model_id": model_id, "load_options": load_options}
+        reply = self._exchange(header)
+        if not reply.get("ok"):
+            self.close()
+            raise RuntimeError(f"{self.name}: the bundle did not load in chromium ({reply.get('failed_step')}): "
+                               f"{reply.get('error')}")
+        self.loaded = dict(reply["load"], info=reply.get("info"))
+        quant = self.loaded.get("quant") or ""
+        self.precision = {"q0f32": "fp32", "q0f16": "fp16", "q4f32_1": "int4", "q4f16_1": "int4"}.get(quant)
+
+    # -- the runtime contract ---------------------------------------------------------------------
+    def artifact_files(self):
+        """The page, web-llm, app-config.json, and the loaded model's folder and library (not the other quants')."""
+        root = self.artifact_dir
+        mid = self.loaded.get("model_id") or self.model_id()
+        record = next((r for r in self._app_config()["model_list"] if r["model_id"] == mid), {})
+        paths = [p for p in root.iterdir() if p.is_file()] + [root / "vendor"]
+        paths.append(root / "models" / mid)
+        if record.get("model_lib"):
+            paths.append(root / record["model_lib"])
+        return [p for p in paths if p.exists()]
+
+    def tokenizer_check(self) -> dict:
+        """web-llm's tokenizer (tokenizers-cpp over tokenizer.json) against transformers' on the fixed
+        strings, and the prompt ids web-llm builds from mlc-chat-config.json's conv_template against
+        the HF chat template's, on the fixed conversations (those the template accepts)."""
+        from transformers import AutoTokenizer
+
+        from exporters.onnx.genai import CHECK_CONVERSATIONS, CHECK_STRINGS
+
+        hf = AutoTokenizer.from_pretrained(self.artifact_dir / "models" / self.loaded["model_id"])
+        mismatches, conversations = [], 0
+
+        def differ(kind, text, want, got):
+            first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+            mismatches.append({"kind": kind, "text": text[:200], "hf": want, "browser": got, "first_difference": first})
+
+        for text in CHECK_STRINGS:
+            want, got = hf.encode(text, add_special_tokens=False), self.call("encode", text)
+            if list(want) != list(got):
+                differ("encode", text, list(want), got)
+        for messages in CHECK_CONVERSATIONS if hf.chat_template else ():
+            if messages[-1]["role"] != "user":
+                continue  # web-llm's chat API answers a user message
+            try:
+                want = list(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False))
+            except Exception:  # noqa: BLE001 - the template refuses this conversation (e.g. a system role)
+                continue
+            conversations += 1
+            got = self.call("chatIds", messages)
+            if want != got:
+                differ("chat_template", json.dumps(messages), want, got)
+        return {"strings": len(CHECK_STRINGS), "conversations": conversations, "mismatches": mismatches,
+                "ok": not mismatches}
+
+    def bench(self, prompt_ids: Sequence[int], settings: BenchSettings, target: str = "",
+              load_s: float | None = None, rss_before_load: float | None = None) -> BenchResult:
+        if load_s is None:
+            t = time.perf_counter()
+            self.load()
+            load_s = time.perf_counter() - t
+        check = self.tokenizer_check()
+        ids = [int(i) for i in prompt_ids][: settings.prompt_tokens]
+        r = self.call("bench", ids, settings.gen_tokens, settings.repetitions, settings.warmup)
+        before = self._before
+        warnings = [w for w in [load_warning(before, self.threads)] if w]
+        if not check["ok"]:
+            first = check["mismatches"][0]
+            warnings.append(f"web-llm's tokenizer or conv_template disagrees with transformers on "
+                            f"{len(check['mismatches'])} check(s), e.g. {first['kind']} of {first['text'][:80]!r}")
+        adapter = self.loaded.get("adapter_info") or {}
+        if any(s in json.dumps(adapter).lower() for s in SOFTWARE_ADAPTERS):
+            warnings.append(f"WebGPU ran on a software adapter ({adapter.get('vendor')} {adapter.get('architecture')}): "
+                            f"its speed says nothing about a GPU")
+        heap = (r.get("memory") or {}).get("usedJSHeapSize")
+        return BenchResult(
+            runtime=self.name, target=target, settings=settings, load_s=load_s,
+            ttft_ms=Stat.of(r["ttft_ms"]), prefill_tps=Stat.of(r["prefill_tps"]), decode_tps=Stat.of(r["decode_tps"]),
+            # the JS heap only: web-llm keeps weights and KV cache in GPU buffers, which no page API reports
+            peak_rss_mb=(heap / 2**20) if heap else float("nan"), rss_before_load_mb=float("nan"),
+            artifact_mb=dir_size_mb(self.artifact_files()),
+            machine={"before": before, "after": machine_state(sample_s=0), "threads": self.threads,
+                     "browser": {**self.loaded, "memory": {"js_heap": r.get("memory")}, "tokenizer_check": check,
+                                 "model_load_s": self.loaded.get("load_ms", 0) / 1000,
+                                 "vram_required_MB": self.loaded.get("vram_required_MB")}},
+            warnings=warnings,
+        )
+
+    def chat(self, messages: list[dict], max_tokens: int = 128, **options: Any) -> dict:
+        """One chat turn through web-llm's OpenAI-style API at temperature 0: {text, ids, finish_reason, usage, ms}."""
+        return self.call("chat", messages, {"max_tokens": int(max_tokens), "temperature": 0, **options})
+
+
+def missing_tools(chromium: str | None = None) -> list[str]:
+    """What this runtime needs and the machine lacks (node, playwright-core, chromium, web-llm), each with its fix."""
+    from exporters.webllm.vendor import missing_packages
+
+    from .browser_runtime import missing_tools as browser_missing
+
+    return browser_missing(chromium) + missing_packages()
+
+
+def bundle_model_ids(bundle: str | Path) -> list[str]:
+    """The model ids of a WebLLM bundle's app-config.json."""
+    return [r["model_id"] for r in json.loads((Path(bundle) / APP_CONFIG).read_text())["model_list"]]
