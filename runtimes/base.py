@@ -159,6 +159,31 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - m - np.log(np.exp(x - m).sum(axis=-1, keepdims=True))
 
 
+def greedy_quality(ref_greedy: list[list[int]], greedy: list[list[int]]) -> Quality:
+    """Quality from greedy outputs alone, for a runtime that cannot afford logits over the quality
+    text: the logit metrics are NaN (not measured), which the gates report as such."""
+    nan = float("nan")
+    match, prefix = _greedy_scores(ref_greedy, greedy)
+    return Quality(ppl=nan, ref_ppl=nan, kl_mean=nan, kl_max=nan, top1_agreement=nan,
+                   greedy_match=match, greedy_prefix=prefix, tokens=0)
+
+
+def _greedy_scores(ref_greedy: list[list[int]], greedy: list[list[int]]) -> tuple[float, float]:
+    """(share of prompts whose greedy output equals the reference's, mean share of the reference's
+    tokens reproduced before the first difference)."""
+    matches, prefixes = [], []
+    for r, g in zip(ref_greedy, greedy):
+        matches.append(float(list(r) == list(g)))
+        n = 0
+        for a, b in zip(r, g):
+            if a != b:
+                break
+            n += 1
+        prefixes.append(n / max(1, len(r)))
+    return (float(np.mean(matches)) if matches else float("nan"),
+            float(np.mean(prefixes)) if prefixes else float("nan"))
+
+
 def quality_against(ref_logprobs: np.ndarray, logits: np.ndarray, ids: Sequence[int],
                     ref_greedy: list[list[int]], greedy: list[list[int]]) -> Quality:
     """Compare a target's logits and greedy outputs with the reference's.
@@ -174,19 +199,10 @@ def quality_against(ref_logprobs: np.ndarray, logits: np.ndarray, ids: Sequence[
     nll = -lp[np.arange(len(nxt)), nxt]
     ref_nll = -lp_ref[np.arange(len(nxt)), nxt]
     top1 = (lp_ref.argmax(-1) == lp.argmax(-1)).mean()
-    matches, prefixes = [], []
-    for r, g in zip(ref_greedy, greedy):
-        matches.append(float(list(r) == list(g)))
-        n = 0
-        for a, b in zip(r, g):
-            if a != b:
-                break
-            n += 1
-        prefixes.append(n / max(1, len(r)))
+    match, prefix = _greedy_scores(ref_greedy, greedy)
     return Quality(
         ppl=float(np.exp(nll.mean())), ref_ppl=float(np.exp(ref_nll.mean())),
         kl_mean=float(kl.mean()), kl_max=float(kl.max()), top1_agreement=float(top1),
-        greedy_match=float(np.mean(matches)) if matches else float("nan"),
-        greedy_prefix=float(np.mean(prefixes)) if prefixes else float("nan"),
+        greedy_match=match, greedy_prefix=prefix,
         tokens=int(len(nxt)),
     )

@@ -35,6 +35,15 @@ from .base import dir_size_mb
 from .browser_runtime import SOFTWARE_ADAPTERS, BrowserRuntime
 
 APP_CONFIG = "app-config.json"
+# On a software WebGPU adapter (SwiftShader: Vulkan emulated on the CPU) SmolLM2-135M q0f32 took
+# ~250 s for a 30-token prompt and 11 greedy tokens here, so a full benchmark (6 greedy prompts,
+# logits over 256 positions at one engine step each, 3 repetitions) would take hours. There the
+# benchmark worker runs this much (toolchain.benchworker; the result records it); option `limits`
+# overrides it ({} for the full measurement).
+SOFTWARE_LIMITS = {"greedy_prompts": 2, "greedy_tokens": 8, "logit_positions": 0, "prompt_tokens": 16,
+                   "gen_tokens": 4, "repetitions": 1, "warmup": 0}
+SOFTWARE_WHY = ("WebGPU on a software adapter: greedy parity on the first fixed prompts and a short benchmark; "
+                "logit quality is the NumPy reference check of the same files (export manifest)")
 
 
 class BrowserWebllmRuntime(BrowserRuntime):
@@ -101,8 +110,12 @@ class BrowserWebllmRuntime(BrowserRuntime):
             raise RuntimeError(f"{self.name}: the bundle did not load in chromium ({reply.get('failed_step')}): "
                                f"{reply.get('error')}")
         self.loaded = dict(reply["load"], info=reply.get("info"))
-        quant = self.loaded.get("quant") or ""
-        self.precision = {"q0f32": "fp32", "q0f16": "fp16", "q4f32_1": "int4", "q4f16_1": "int4"}.get(quant)
+        # the gates are keyed by the MLC quantisation name (toolchain/gates.py: webllm/<quant>)
+        self.precision = self.loaded.get("quant") or None
+        adapter = json.dumps(self.loaded.get("adapter_info") or {}).lower()
+        software = any(s in adapter for s in SOFTWARE_ADAPTERS)
+        limits = self.options.get("limits", SOFTWARE_LIMITS if software else None)
+        self.limits = dict(limits, why=SOFTWARE_WHY) if limits else None
 
     # -- the runtime contract ---------------------------------------------------------------------
     def artifact_files(self):

@@ -266,7 +266,8 @@ def _build_library(compiler: str, model_type: str, model_config: dict, quant: st
     from .library.compile import compile_library
 
     info = compile_library(model_type, model_config, quant, out_wasm)
-    info = dict(info or {})
-    info.setdefault("bytes", out_wasm.stat().st_size)
-    info.update(compiler="edgesmith", file=f"libs/{out_wasm.name}")
-    return info
+    memory = (info.get("metadata") or {}).get("memory_usage")
+    return {"compiler": "edgesmith", "file": f"libs/{out_wasm.name}", "bytes": out_wasm.stat().st_size,
+            "cached": bool(info.get("cached")), "key": info.get("key"),
+            **{k: round(float(info[k]), 1) for k in ("build_s", "compile_s", "link_s") if info.get(k) is not None},
+            **({"memory_usage": memory} if memory else {})}

@@ -74,6 +74,7 @@ def test_quickstart(tmp_path):
 
     check_adapter_matches_merged(run_dir)
     check_browser_rows(run_dir, rows, html)
+    check_webllm(run_dir, rows, html)
 
     assert main(["run", str(recipe), "--quiet", "--set", f"output_dir={out}"]) == 0
     stages = json.loads((run_dir / "run.json").read_text())["stages"]
@@ -125,3 +126,21 @@ def check_browser_rows(run_dir: Path, rows: dict, html: str) -> None:
     assert rows[("web", "browser-wasm")]["machine"]["browser"]["dtype"] == "q8"
     assert rows[("web-q4", "onnxruntime")]["gate"]["passed"]
     assert "Browser against native" in html
+
+
+def check_webllm(run_dir: Path, rows: dict, html: str) -> None:
+    """The WebLLM bundle: all four quantisations' MLC files pass the NumPy reference check, the q0f32
+    library was built, and web-llm's engine in chromium reproduces torch's greedy output exactly."""
+    export = run_dir / "export-webllm"
+    figures = json.loads((export / "manifest.json").read_text())["figures"]
+    assert set(figures["reference_check"]) == {"q4f16_1", "q4f32_1", "q0f16", "q0f32"}
+    for quant, chk in figures["reference_check"].items():
+        assert chk["gate"]["passed"], (quant, chk["gate"])
+    assert figures["reference_check"]["q0f32"]["quality"]["top1_agreement"] == 1.0
+    assert set(figures["libraries"]) == {"q0f32"} and (export / "libs" / "model-q0f32-webgpu.wasm").is_file()
+    row = rows[("webllm", "browser-webllm")]
+    assert row["precision"] == "q0f32" and row["gate"]["passed"], row["gate"]
+    assert row["quality"]["greedy_match"] == 1.0  # float32 weights: token for token torch's output
+    assert row["machine"]["browser"]["tokenizer_check"]["ok"]
+    assert row["decode_tps"]["mean"] > 0 and row["prefill_tps"]["mean"] > 0
+    assert "WebLLM bundle" in html

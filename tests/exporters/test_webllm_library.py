@@ -4,12 +4,11 @@ Tiny Llama (tied embeddings) and Qwen2 (untied, qkv bias) models are built at te
 converted to MLC weights by the exporter's own converter, compiled for the CPU (llvm) and run
 through the paged KV cache the way @mlc-ai/web-llm drives the library: ``embed``, one ``prefill``
 of the prompt, then one ``decode`` per token, each between ``kv_state_begin_forward`` and
-``kv_state_end_forward``. The WebGPU build and link is marked slow (minutes, needs emscripten).
+``kv_state_end_forward``. The WebGPU build and link are tested in tests/runtimes/test_webllm_runtime.py.
 """
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -291,21 +290,5 @@ def test_logit_processors_edit_logits_in_place(sampler_session):
     np.testing.assert_array_equal(got[0, allowed], logits[0, allowed])
 
 
-# -- the WebGPU library ---------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_webgpu_library_compiles_links_and_is_cached(tiny, tmp_path):
-    from exporters.webllm.library import toolchain
-
-    missing = toolchain.missing_tools()
-    if missing:
-        pytest.skip(f"the WebLLM library toolchain is unavailable: {'; '.join(missing)}")
-    _, _, cfg = tiny["llama"]
-    cache = tmp_path / "cache"
-    first = lib.compile_library("llama", cfg, "q4f32_1", tmp_path / "a.wasm", cache_dir=cache)
-    assert first["path"].read_bytes()[:4] == b"\0asm" and not first["cached"]
-    names = [p["name"] for p in first["metadata"]["params"]]
-    assert "model.embed_tokens.q_weight" in names and "lm_head.q_weight" not in names
-    again = lib.compile_library("llama", cfg, "q4f32_1", tmp_path / "b.wasm", cache_dir=cache)
-    assert again["cached"] and again["link_s"] == 0
-    assert (tmp_path / "b.wasm").read_bytes() == first["path"].read_bytes()
-    shutil.rmtree(cache)
+# The WebGPU build, link and its cache are tested where the library is also run in chromium through
+# web-llm (tests/runtimes/test_webllm_runtime.py): one link per library, minutes each on 2 cores.

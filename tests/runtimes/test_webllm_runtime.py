@@ -262,3 +262,22 @@ def test_bench_fills_the_shared_schema(webllm_bundle):
     assert r.ttft_ms.median > 0 and r.artifact_mb > 0
     assert any("software adapter" in w for w in r.warnings) == any(
         s in json.dumps(rt.loaded.get("adapter_info")).lower() for s in ("swiftshader", "llvmpipe", "lavapipe"))
+
+
+def test_library_is_cached_by_hash_and_carries_mlc_metadata(webllm_bundle, spread_model_dir, tmp_path):
+    """A second build of the same (architecture, config, quantisation) reuses the linked library:
+    no compile, no relink, the same bytes; its _metadata lists mlc-llm's parameter names."""
+    from exporters.webllm.families import family_for
+    from exporters.webllm.library.compile import compile_library
+
+    root, libs = webllm_bundle
+    hf = json.loads((spread_model_dir / "config.json").read_text())
+    family = family_for(hf)
+    mc = dict(family.model_config(hf), context_window_size=512, prefill_chunk_size=128)
+    again = compile_library(family.name, mc, "q0f32", tmp_path / "again.wasm")
+    assert again["cached"] and again["link_s"] == 0
+    assert (tmp_path / "again.wasm").read_bytes() == (root / "libs" / "tiny-q0f32-MLC.wasm").read_bytes()
+    names = [p["name"] for p in again["metadata"]["params"]]
+    assert "model.layers.0.self_attn.qkv_proj.weight" in names and "lm_head.weight" in names  # untied
+    assert (tmp_path / "again.wasm").read_bytes()[:4] == b"\0asm"
+
