@@ -180,37 +180,15 @@ class BrowserRuntime(Runtime):
     def tokenizer_check(self) -> dict:
         """The page's tokenizer and chat template against transformers' on the fixed string and
         conversation set the ONNX exporter checks onnxruntime-genai with; and the page's EOS list."""
-        from transformers import AutoTokenizer
-
-        from exporters.onnx.genai import CHECK_CONVERSATIONS, CHECK_STRINGS
-
         bundle = json.loads((self.artifact_dir / "bundle.json").read_text())
-        hf = AutoTokenizer.from_pretrained(self.artifact_dir / "models" / self.loaded.get("model_id", bundle["model_id"]))
-        mismatches, conversations = [], 0
-
-        def differ(kind, text, want, got):
-            first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
-            mismatches.append({"kind": kind, "text": text[:200], "hf": want, "browser": got, "first_difference": first})
-
-        for text in CHECK_STRINGS:
-            want, got = hf.encode(text, add_special_tokens=False), self.call("encode", text)
-            if list(want) != list(got):
-                differ("encode", text, list(want), got)
-        for messages in CHECK_CONVERSATIONS if hf.chat_template else ():
-            try:
-                want = list(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                   return_dict=False))
-            except Exception:  # noqa: BLE001 - the template refuses this conversation (e.g. a system role)
-                continue
-            conversations += 1
-            got = self.call("chatIds", messages)
-            if want != got:
-                differ("chat_template", json.dumps(messages), want, got)
+        model_dir = self.artifact_dir / "models" / self.loaded.get("model_id", bundle["model_id"])
+        result = compare_tokenizer(self.call, model_dir)
         eos = sorted(self.loaded.get("eos_token_id") or [])
         if eos != sorted(bundle.get("eos_token_id") or eos):
-            differ("eos_token_id", "generation_config.json", sorted(bundle["eos_token_id"]), eos)
-        return {"strings": len(CHECK_STRINGS), "conversations": conversations, "mismatches": mismatches,
-                "ok": not mismatches}
+            result["mismatches"].append({"kind": "eos_token_id", "text": "generation_config.json",
+                                         "hf": sorted(bundle["eos_token_id"]), "browser": eos, "first_difference": 0})
+            result["ok"] = False
+        return result
 
     def artifact_files(self):
         """The page, its runtime and the files of the dtype loaded (not the other dtypes' files)."""
@@ -268,3 +246,38 @@ class BrowserWasmRuntime(BrowserRuntime):
 class BrowserWebgpuRuntime(BrowserRuntime):
     name = "browser-webgpu"
     device = "webgpu"
+
+
+def compare_tokenizer(call, model_dir, user_last_only: bool = False) -> dict:
+    """A page's tokenizer (``call("encode", text)``) and chat prompt ids (``call("chatIds", messages)``)
+    against transformers' on the fixed strings and conversations (those the template accepts;
+    ``user_last_only``: those ending with a user message, for a chat API that answers one)."""
+    from transformers import AutoTokenizer
+
+    from exporters.onnx.genai import CHECK_CONVERSATIONS, CHECK_STRINGS
+
+    hf = AutoTokenizer.from_pretrained(model_dir)
+    mismatches, conversations = [], 0
+
+    def differ(kind, text, want, got):
+        first = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+        mismatches.append({"kind": kind, "text": text[:200], "hf": want, "browser": got, "first_difference": first})
+
+    for text in CHECK_STRINGS:
+        want, got = hf.encode(text, add_special_tokens=False), call("encode", text)
+        if list(want) != list(got):
+            differ("encode", text, list(want), got)
+    for messages in CHECK_CONVERSATIONS if hf.chat_template else ():
+        if user_last_only and messages[-1]["role"] != "user":
+            continue
+        try:
+            want = list(hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+        except Exception:  # noqa: BLE001 - the template refuses this conversation (e.g. a system role)
+            continue
+        conversations += 1
+        got = call("chatIds", messages)
+        if want != got:
+            differ("chat_template", json.dumps(messages), want, got)
+    return {"strings": len(CHECK_STRINGS), "conversations": conversations, "mismatches": mismatches,
+            "ok": not mismatches}
+

@@ -53,22 +53,26 @@ def webllm_section(exports: list[dict], bench: list[dict]) -> tuple:
         q = r.get("quality") if isinstance(r.get("quality"), dict) else {}
         info = (r.get("machine") or {}).get("browser") or {}
         adapter = info.get("adapter_info") or {}
+        lim = r.get("limits") if isinstance(r.get("limits"), dict) else None
         cells = [fmt_value(r.get("target")), fmt_value(r.get("precision")),
                  fmt_value(f"{adapter.get('vendor', '')} {adapter.get('architecture', '')}".strip() or None),
                  fmt(info.get("model_load_s") or r.get("load_s"), ".1f"), fmt_pm(r.get("prefill_tps")),
-                 fmt_pm(r.get("decode_tps")), fmt_pct(q.get("greedy_match"))]
+                 fmt_pm(r.get("decode_tps")), fmt_pct(q.get("greedy_match")),
+                 (f"short: {lim.get('greedy_prompts')} prompt(s) x {lim.get('greedy_tokens')} greedy tokens, "
+                  f"bench {lim.get('prompt_tokens')}+{lim.get('gen_tokens')} tokens") if lim else "full"]
         brows.append(cells)
     for r in wasm:
         info = (r.get("machine") or {}).get("browser") or {}
         brows.append([fmt_value(r.get("target")), f"{fmt_value(info.get('dtype'))} (onnxruntime-web wasm)",
                       f"{info.get('threads') or 1} CPU thread(s)", fmt(info.get("model_load_s"), ".1f"),
                       fmt_pm(r.get("prefill_tps")), fmt_pm(r.get("decode_tps")),
-                      fmt_pct((r.get("quality") or {}).get("greedy_match"))])
+                      fmt_pct((r.get("quality") or {}).get("greedy_match")), "full"])
     if brows:
         blocks.append(("table", ["Target", "Quant / dtype", "Adapter", "Model load s", "Prefill tok/s",
-                                 "Decode tok/s", "Greedy match"], brows, "lllrrrr"))
+                                 "Decode tok/s", "Greedy match", "Run"], brows, "lllrrrrl"))
         blocks.append(("p", "WebLLM rows: the bundle's page in headless chromium through @mlc-ai/web-llm's own engine "
                             "on WebGPU. Without a GPU the adapter is SwiftShader (Vulkan emulated on the CPU, no "
-                            "shader-f16): a correctness check whose speed says nothing of a real GPU. The wasm rows "
+                            "shader-f16): a correctness check whose speed says nothing of a real GPU, run short (greedy "
+                            "parity on the first fixed prompts; logit quality is the NumPy check above). The wasm rows "
                             "(onnxruntime-web on the CPU, same run) are the browser speed on this machine."))
     return ("WebLLM bundle", blocks)

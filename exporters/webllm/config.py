@@ -63,7 +63,7 @@ class WebllmExportConfig:
     prefill_chunk_size: int | None = None  # None: min(context, DEFAULT_PREFILL_CHUNK)
     compiler: str = "auto"  # auto: mlc_llm's compiler when installed, else edgesmith's (apache-tvm)
     reference_check: bool = True  # NumPy forward over the MLC files against the merged model's logits
-    reference_tokens: int = 128  # tokens of the quality text the check runs on
+    reference_tokens: int = 256  # tokens of the quality text the check runs on (the reference stage's 256: all)
     conv_template: dict | None = None  # override the conversation template derived from the chat template
     f32_encoding: str = "raw"  # float32 tensors of q0f32/q4f32_1 on disk; see F32_ENCODINGS
     max_new_tokens: int = 256  # the chat page's reply budget

@@ -157,3 +157,33 @@ def test_number_formatting():
     assert fmt_pm({"mean": 10.0, "std": 0.5}) == "10.0 ± 0.5"
     assert fmt_pm({"mean": 10.0, "std": None}) == "10.0"
     assert fmt_pm({"mean": math.nan, "std": 1.0}) == "–"
+
+
+def test_webllm_section_shows_the_reference_check_library_and_short_browser_run(tmp_path):
+    from toolchain.gates import verdict
+    from toolchain.report import build_sections
+    from toolchain.report_webllm import collect_webllm
+
+    q4 = {"ppl": 20.0, "ref_ppl": 15.0, "kl_mean": 0.46, "kl_max": 3.0, "top1_agreement": 0.67,
+          "greedy_match": float("nan"), "greedy_prefix": float("nan"), "tokens": 255, "ppl_delta": 5.0}
+    figures = {"format": "webllm", "target": "webllm",
+               "weights": {"q4f32_1": {"bytes": 80 * 2**20, "bits_per_param": 5.0}},
+               "reference_check": {"q4f32_1": {"quality": q4, "gate": verdict("webllm", "q4f32_1", q4)}},
+               "libraries": {"q4f32_1": {"bytes": 5 * 2**20, "build_s": 170.0, "cached": False}}}
+    greedy_only = {"ppl": float("nan"), "ref_ppl": float("nan"), "kl_mean": float("nan"), "kl_max": float("nan"),
+                   "top1_agreement": float("nan"), "greedy_match": 1.0, "greedy_prefix": 1.0, "tokens": 0}
+    row = {"target": "webllm", "runtime": "browser-webllm", "format": "webllm", "precision": "q4f32_1",
+           "quality": greedy_only, "decode_tps": {"mean": 0.5, "std": 0.0, "median": 0.5, "n": 1},
+           "limits": {"greedy_prompts": 2, "greedy_tokens": 8, "prompt_tokens": 16, "gen_tokens": 4},
+           "machine": {"browser": {"adapter_info": {"vendor": "google", "architecture": "swiftshader"}}}}
+    row["gate"] = verdict("webllm", "q4f32_1", greedy_only)
+    _, sections = build_sections({"run": {"name": "r"}, "bench": [row], "webllm": [collect_webllm(figures)]}, set())
+    section = next(s for s in sections if s[0] == "WebLLM bundle")
+    weights, browser = [b for b in section[1] if b[0] == "table"]
+    assert weights[2][0][1] == "q4f32_1" and weights[2][0][8] == "pass" and "170 s" in weights[2][0][9]
+    assert browser[2][0][2] == "google swiftshader" and browser[2][0][6] == "100.0%"
+    assert browser[2][0][7].startswith("short: 2 prompt(s) x 8 greedy tokens")
+    # greedy-only quality is judged on greedy, never passed on nothing
+    assert row["gate"]["passed"] and row["gate"]["unmeasured"] == ["kl_mean", "top1_agreement"]
+    nothing = dict(greedy_only, greedy_match=float("nan"), greedy_prefix=float("nan"))
+    assert verdict("webllm", "q4f32_1", nothing)["failures"] == ["nothing measured"]
