@@ -18,3 +18,19 @@ def coerce_options(cls, value, what: str):
                              f"known: {', '.join(map(repr, known))}")
         return cls(**value)
     raise TypeError(f"{what} config must be a {cls.__name__}, a dict or None, got {type(value).__name__}")
+
+
+BROWSER_MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+def require_tokenizer_files(model_dir, what: str) -> None:
+    """Refuse a model folder without the files a browser bundle tokenises and chats with."""
+    from pathlib import Path
+
+    from toolchain.errors import PreflightError
+
+    missing = [n for n in BROWSER_MODEL_FILES if not (Path(model_dir) / n).is_file()]
+    if missing:
+        raise PreflightError(f"{what} export: {model_dir} has no {', '.join(missing)}: the browser tokenises with "
+                             f"the model's own tokenizer files (fix: export from a folder saved with its tokenizer)")
+

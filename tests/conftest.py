@@ -96,6 +96,21 @@ def browser_tools_or_skip() -> None:
         pytest.skip(f"browser runtime unavailable: {'; '.join(missing)}")
 
 
+def page_packages_or_skip(check_installed) -> None:
+    """Skip when a bundle page's npm packages are missing (``check_installed`` raises PreflightError),
+    unless EDGESMITH_REQUIRE_BROWSER is set: there a missing package is a broken install."""
+    import os
+
+    from toolchain.errors import PreflightError
+
+    try:
+        check_installed()
+    except PreflightError as e:
+        if os.environ.get("EDGESMITH_REQUIRE_BROWSER"):
+            raise
+        pytest.skip(str(e))
+
+
 @pytest.fixture(scope="session")
 def dates_rows() -> list[dict]:
     with open(REPO / "examples" / "data" / "dates.jsonl") as f:

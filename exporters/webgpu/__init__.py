@@ -51,16 +51,14 @@ def _config(config) -> WebgpuExportConfig:
 
 def preflight(model_dir: str | Path, config=None) -> None:
     """Refuse, before any work, a model or setting the bundle cannot be built from."""
+    from exporters import require_tokenizer_files
     from exporters.onnx import preflight as onnx_preflight
 
     from .vendor import check_installed
 
     cfg = _config(config)
     model_dir = Path(model_dir)
-    missing = [n for n in ("config.json", "tokenizer.json", "tokenizer_config.json") if not (model_dir / n).is_file()]
-    if missing:
-        raise PreflightError(f"webgpu export: {model_dir} has no {', '.join(missing)}: the browser tokenises with "
-                             f"the model's own tokenizer files (fix: export from a folder saved with its tokenizer)")
+    require_tokenizer_files(model_dir, "webgpu")
     for dtype in cfg.dtypes:
         onnx_preflight(model_dir, cfg.onnx_options(dtype))
     check_installed()

@@ -57,15 +57,14 @@ def _hf_config(model_dir: Path) -> dict:
 
 def preflight(model_dir: str | Path, config=None) -> None:
     """Refuse, before any work, a model, setting or missing tool the bundle cannot be built with."""
+    from exporters import require_tokenizer_files
+
     from .families import family_for
     from .vendor import check_installed
 
     cfg = _config(config)
     model_dir = Path(model_dir)
-    missing = [n for n in ("config.json", "tokenizer.json", "tokenizer_config.json") if not (model_dir / n).is_file()]
-    if missing:
-        raise PreflightError(f"webllm export: {model_dir} has no {', '.join(missing)}: WebLLM tokenises with the "
-                             f"model's own tokenizer.json (fix: export from a folder saved with its tokenizer)")
+    require_tokenizer_files(model_dir, "webllm")
     family_for(_hf_config(model_dir))
     check_installed()
     if cfg.libraries and _compiler(cfg) == "edgesmith":
@@ -117,7 +116,7 @@ def _reference_check(model_dir: Path, weights_dir: Path, model_type: str, model_
     """The NumPy forward over the written MLC files against the merged model (shared gates table)."""
     import numpy as np
 
-    from runtimes.base import quality_against
+    from runtimes.base import log_softmax, quality_against
     from toolchain.gates import gate_for
 
     from .reference import reference_logits
@@ -125,10 +124,7 @@ def _reference_check(model_dir: Path, weights_dir: Path, model_type: str, model_
     t = time.perf_counter()
     logits = reference_logits(weights_dir, model_config, model_type, quant, ids)
     q = quality_against(ref_logprobs, logits, ids, [], []).to_dict()
-    ref_lp = ref_logprobs.astype(np.float64)
-    lp = logits.astype(np.float64) - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
-        - logits.max(-1, keepdims=True)
-    q["max_abs_logprob"] = float(np.abs(lp - ref_lp).max())
+    q["max_abs_logprob"] = float(np.abs(log_softmax(logits) - ref_logprobs.astype(np.float64)).max())
     verdict = gate_for("webllm", quant).check(q)  # greedy is nan here: judged on logits only
     return {"quality": q, "gate": verdict, "seconds": round(time.perf_counter() - t, 2)}
 

@@ -17,17 +17,10 @@ pytestmark = pytest.mark.skipif(not have("onnxruntime"), reason="needs onnxrunti
 
 
 def _vendor_or_skip():
-    import os
-
     from exporters.webgpu.vendor import check_installed
-    from toolchain.errors import PreflightError
+    from tests.conftest import page_packages_or_skip
 
-    try:
-        check_installed()
-    except PreflightError as e:
-        if os.environ.get("EDGESMITH_REQUIRE_BROWSER"):
-            raise
-        pytest.skip(str(e))
+    page_packages_or_skip(check_installed)
 
 
 @pytest.fixture(scope="module")

@@ -65,15 +65,9 @@ def test_preflight_refuses_unsupported_architecture(tmp_path, tiny_model_dir):
 def weights_bundle(tmp_path_factory, request):
     from exporters.webllm import export
     from exporters.webllm.vendor import check_installed
+    from tests.conftest import page_packages_or_skip
 
-    try:
-        check_installed()
-    except PreflightError as e:
-        import os
-
-        if os.environ.get("EDGESMITH_REQUIRE_BROWSER"):
-            raise
-        pytest.skip(str(e))
+    page_packages_or_skip(check_installed)
     model = request.getfixturevalue("spread_model_dir")
     out = tmp_path_factory.mktemp("webllm-bundle")
     manifest = export(model, out, {"quants": ["q4f16_1", "q4f32_1", "q0f16", "q0f32"], "libraries": [],
