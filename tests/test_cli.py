@@ -241,3 +241,42 @@ def test_dry_run_without_reference_bench_drops_bench_torch(tmp_path, capsys):
     ids = [sid for sid, _ in _plan_ids(capsys.readouterr().out)]
     assert code == 0
     assert "bench-torch" not in ids and "bench-onnx-fp32-onnxruntime" in ids
+
+
+def _quality(kl: float, top1: float, ppl: float) -> dict:
+    nan = float("nan")
+    return {"ppl": ppl, "ref_ppl": 10.0, "kl_mean": kl, "kl_max": kl, "top1_agreement": top1,
+            "greedy_match": nan, "greedy_prefix": nan, "tokens": 255, "ppl_delta": ppl - 10.0}
+
+
+def test_gate_summary_counts_bench_rows_and_export_reference_checks(tmp_path, capsys):
+    """Exit code 3 names every failed gate: a benchmarked row judged on its quality, and an export
+    that checked its own files (webllm's NumPy reference check), judged on the current table."""
+    from types import SimpleNamespace
+
+    from toolchain.artifacts import ArtifactStore
+    from toolchain.cli import gate_summary
+
+    store = ArtifactStore(tmp_path)
+    made = []
+
+    def step(stage_id: str, kind: str, figures: dict):
+        store.partial_path(stage_id, "k").mkdir(parents=True)
+        store.commit(stage_id, kind, "k", {}, {}, figures, 0.1)
+        made.append(SimpleNamespace(stage=SimpleNamespace(id=stage_id, kind=kind), key="k"))
+
+    good, bad = _quality(1e-9, 1.0, 10.0), _quality(0.9, 0.4, 20.0)
+    step("bench-web-fp32-onnxruntime", "bench", {"format": "webgpu", "precision": "fp32", "quality": good})
+    runner = SimpleNamespace(store=store)
+    assert gate_summary(made, runner) == 0
+    assert "gate webgpu/fp32" in capsys.readouterr().out
+
+    checks = {"q0f32": {"quality": good, "gate": {"passed": True}},
+              # the stored verdict said pass; the current table is what counts
+              "q4f16_1": {"quality": bad, "gate": {"passed": True}}}
+    step("export-webllm", "export", {"format": "webllm", "precision": "q0f32", "reference_check": checks})
+    assert gate_summary(made, runner) == 3
+    out, err = capsys.readouterr()
+    assert "gate webllm/q0f32   export-webllm q0f32: pass" in out
+    assert "gate webllm/q4f16_1 export-webllm q4f16_1: FAIL (KL 0.9 > 0.8; top-1 0.400 < 0.5" in out
+    assert "1 target(s) failed their quality gate" in err

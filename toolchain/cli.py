@@ -114,21 +114,27 @@ def cmd_pipeline(args, until: str | None) -> int:
 
 
 def gate_summary(steps, runner) -> int:
-    """Print each benchmarked target's quality gate; exit code 3 when one failed."""
+    """Print each benchmarked target's quality gate, and each gate an export checked on its own
+    files (the webllm NumPy reference check); exit code 3 when one failed."""
     from toolchain.artifacts import Artifact
+    from toolchain.gates import verdict
 
     failed = 0
     for step in steps:
-        if step.stage.kind != "bench" or step.key is None:
+        if step.key is None or step.stage.kind not in ("bench", "export"):
             continue
         art = Artifact.open(runner.store.path_for(step.stage.id, step.key))
-        from toolchain.gates import verdict
         fig = art.figures if art else {}
-        gate = verdict(fig.get("format"), fig.get("precision"), fig.get("quality"))
-        if gate:
-            failed += not gate["passed"]
-            state = "pass" if gate["passed"] else "FAIL (" + "; ".join(gate["failures"]) + ")"
-            print(f"gate {gate['gate']:<14} {step.stage.id}: {state}")
+        if step.stage.kind == "bench":
+            gates = {"": verdict(fig.get("format"), fig.get("precision"), fig.get("quality"))}
+        else:
+            gates = {f" {name}": verdict(fig.get("format"), name, chk.get("quality"))
+                     for name, chk in (fig.get("reference_check") or {}).items()}
+        for suffix, gate in gates.items():
+            if gate:
+                failed += not gate["passed"]
+                state = "pass" if gate["passed"] else "FAIL (" + "; ".join(gate["failures"]) + ")"
+                print(f"gate {gate['gate']:<14} {step.stage.id}{suffix}: {state}")
     if failed:
         print(f"edgesmith: {failed} target(s) failed their quality gate (thresholds in toolchain/gates.py)",
               file=sys.stderr)

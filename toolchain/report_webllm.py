@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from toolchain.gates import verdict
 from toolchain.report import DASH, fmt, fmt_pct, fmt_pm, fmt_value
 
 
@@ -11,8 +12,12 @@ def collect_webllm(figures: dict) -> dict | None:
     """What the report needs from a webllm export's manifest figures."""
     if figures.get("format") != "webllm":
         return None
+    checks = {}
+    for quant, chk in (figures.get("reference_check") or {}).items():
+        q = chk.get("quality")  # judged on the current gates table, as the bench rows are
+        checks[quant] = dict(chk, gate=verdict("webllm", quant, q) or chk.get("gate")) if q else chk
     return {"target": figures.get("target"), "weights": figures.get("weights") or {},
-            "reference_check": figures.get("reference_check") or {}, "libraries": figures.get("libraries") or {},
+            "reference_check": checks, "libraries": figures.get("libraries") or {},
             "compiler": figures.get("compiler")}
 
 

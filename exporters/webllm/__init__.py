@@ -117,7 +117,7 @@ def _reference_check(model_dir: Path, weights_dir: Path, model_type: str, model_
     import numpy as np
 
     from runtimes.base import log_softmax, quality_against
-    from toolchain.gates import gate_for
+    from toolchain.gates import verdict
 
     from .reference import reference_logits
 
@@ -125,8 +125,8 @@ def _reference_check(model_dir: Path, weights_dir: Path, model_type: str, model_
     logits = reference_logits(weights_dir, model_config, model_type, quant, ids)
     q = quality_against(ref_logprobs, logits, ids, [], []).to_dict()
     q["max_abs_logprob"] = float(np.abs(log_softmax(logits) - ref_logprobs.astype(np.float64)).max())
-    verdict = gate_for("webllm", quant).check(q)  # greedy is nan here: judged on logits only
-    return {"quality": q, "gate": verdict, "seconds": round(time.perf_counter() - t, 2)}
+    gate = verdict("webllm", quant, q)  # greedy is nan here: judged on logits only
+    return {"quality": q, "gate": gate, "seconds": round(time.perf_counter() - t, 2)}
 
 
 def _torch_reference(model_dir: Path, tokens: int) -> tuple[list[int], "object"]:

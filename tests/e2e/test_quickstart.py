@@ -42,8 +42,9 @@ GATES = {
 def test_quickstart(tmp_path):
     recipe = REPO / "examples" / "quickstart.yaml"
     out = tmp_path / "runs"
-    assert main(["run", str(recipe), "--quiet", "--set", f"output_dir={out}"]) == 0
+    code = main(["run", str(recipe), "--quiet", "--set", f"output_dir={out}"])
     run_dir = out / "quickstart"
+    assert code == 0, failed_gates(run_dir)
     report = json.loads((run_dir / "report.json").read_text())
 
     task = report["task"]
@@ -79,6 +80,22 @@ def test_quickstart(tmp_path):
     assert main(["run", str(recipe), "--quiet", "--set", f"output_dir={out}"]) == 0
     stages = json.loads((run_dir / "run.json").read_text())["stages"]
     assert {s["status"] for s in stages} == {"cached"}
+
+
+def failed_gates(run_dir: Path) -> str:
+    """What made the run exit non-zero, for the assertion message: the CI log keeps only the tail
+    of the run's output, where the per-target gate lines may have been cut."""
+    report = run_dir / "report.json"
+    if not report.is_file():
+        return "the run wrote no report.json (a stage failed: see the captured output)"
+    rows = json.loads(report.read_text())["bench"]
+    failed = [f"{r['target']} on {r['runtime']}: {r['gate']['gate']} {r['gate']['failures']} quality={r['quality']}"
+              for r in rows if r.get("gate") and not r["gate"]["passed"]]
+    for manifest in sorted(run_dir.glob("export-*/manifest.json")):  # exports that check their own files
+        for name, chk in json.loads(manifest.read_text())["figures"].get("reference_check", {}).items():
+            if not chk["gate"]["passed"]:
+                failed.append(f"{manifest.parent.name} {name}: {chk['gate']['failures']} quality={chk['quality']}")
+    return "failed gates: " + ("; ".join(failed) if failed else "none in report.json")
 
 
 def check_adapter_matches_merged(run_dir: Path) -> None:
