@@ -34,3 +34,22 @@ def require_tokenizer_files(model_dir, what: str) -> None:
         raise PreflightError(f"{what} export: {model_dir} has no {', '.join(missing)}: the browser tokenises with "
                              f"the model's own tokenizer files (fix: export from a folder saved with its tokenizer)")
 
+
+
+def place_bundle(tmp, out_dir, bundle: dict, bundle_file: str = "bundle.json") -> None:
+    """Move a bundle built in ``tmp`` into ``out_dir``, then write ``bundle_file`` last: its
+    presence means the bundle is complete."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from toolchain.artifacts import write_json_atomic
+
+    tmp, out_dir = Path(tmp), Path(out_dir)
+    (tmp / bundle_file).unlink(missing_ok=True)
+    for name in sorted(p.name for p in tmp.iterdir()):
+        target = out_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        os.replace(tmp / name, target)
+    write_json_atomic(out_dir / bundle_file, bundle)

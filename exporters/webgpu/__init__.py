@@ -13,12 +13,11 @@ refuses (``browser_ops``), then laid out as transformers.js expects.
 """
 from __future__ import annotations
 
-import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
+from exporters import place_bundle
 from toolchain.errors import PreflightError
 
 from .config import DTYPES, WebgpuExportConfig
@@ -112,15 +111,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config=None, imatrix: str
         bundle = {"model_id": cfg.model_id, "dtypes": device_dtypes, "max_new_tokens": cfg.max_new_tokens,
                   "eos_token_id": model_info["eos_token_id"], "versions": page["versions"],
                   "files": {d: f"models/{cfg.model_id}/onnx/{p['file']}" for d, p in placed.items()}}
-        (tmp / BUNDLE_FILE).unlink(missing_ok=True)
-        names = sorted(p.name for p in tmp.iterdir())
-        for name in names:  # into place; bundle.json last: its presence means complete
-            target = out_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(tmp / name, target)
-        (out_dir / f".{BUNDLE_FILE}.tmp").write_text(json.dumps(bundle, indent=2) + "\n")
-        os.replace(out_dir / f".{BUNDLE_FILE}.tmp", out_dir / BUNDLE_FILE)
+        place_bundle(tmp, out_dir, bundle, BUNDLE_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     primary = cfg.primary

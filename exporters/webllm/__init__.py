@@ -17,12 +17,12 @@ merged model's logits before the bundle is written.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
+from exporters import place_bundle
 from toolchain.errors import PreflightError
 
 from .config import F16_QUANTS, WebllmExportConfig
@@ -209,13 +209,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config=None, reference: s
         bundle = {"model_id": cfg.model_id, "quants": list(cfg.quants), "libraries": sorted(libraries),
                   "primary": cfg.primary, "max_new_tokens": cfg.max_new_tokens, "versions": page["versions"],
                   "stop_token_ids": chat["conv_template"].get("stop_token_ids", []), "app_config": APP_CONFIG}
-        for name in sorted(p.name for p in tmp.iterdir()):  # into place; bundle.json last: its presence means complete
-            target = out_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            os.replace(tmp / name, target)
-        (out_dir / f".{BUNDLE_FILE}.tmp").write_text(json.dumps(bundle, indent=2) + "\n")
-        os.replace(out_dir / f".{BUNDLE_FILE}.tmp", out_dir / BUNDLE_FILE)
+        place_bundle(tmp, out_dir, bundle, BUNDLE_FILE)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     failed = {q: c["gate"]["failures"] for q, c in checks.items() if not c["gate"]["passed"]}
