@@ -47,8 +47,8 @@ HALF_COMPUTE = Gate(2e-3, 0.97, 0.01, 0.5, "fp16 weights, activations and KV cac
 INT8 = Gate(2e-2, 0.92, 0.05, 0.3, "8-bit blocks: top-1 0.987 on the base model (DESIGN.md); 0.949-0.973 and ΔPPL up "
             "to +2% on the fine-tuned quickstart model across runs")
 INT8_PER_TOKEN = Gate(6e-2, 0.82, 0.20, 0.3, "int8 weights per channel, int8 activations per token (MatMulInteger: "
-                      "what onnxruntime-web runs; it has no 8-bit MatMulNBits): on four fresh quickstart fine-tunes "
-                      "measured KL 0.039-0.045, top-1 0.86-0.90, ΔPPL +3.8% to +11.1% (CPU training is not "
+                      "what onnxruntime-web runs; it has no 8-bit MatMulNBits): on five fresh quickstart fine-tunes "
+                      "measured KL 0.039-0.045, top-1 0.86-0.92, ΔPPL +3.2% to +11.1% (CPU training is not "
                       "bit-reproducible). ΔPPL over 255 tokens moves more than KL: the browser and native rows of one "
                       "file measured +11.1% and +6.3% at KL 0.0387 and 0.0393. The onnx int8 target's MatMulNBits "
                       "quantises activations per 32-value block and reaches KL 0.005")
@@ -61,7 +61,7 @@ IQ4 = Gate(0.25, 0.65, 0.30, 0.0, "4-bit non-linear grid; on SmolLM2 most rows a
            "0.75-0.87, ΔPPL +8.7% to +15.9%")
 Q4_PLAIN = Gate(0.50, 0.60, 0.60, 0.0, "plain 4-bit blocks: top-1 0.84 (Q4_0) and 0.81 (int4 block 32) on the base "
                 "model (DESIGN.md); on the fine-tuned quickstart model llama.cpp's own Q4_0 measured KL 0.30-0.36, "
-                "top-1 0.71, ΔPPL +13% to +25%, edgesmith's int4 (imatrix, zero points, int8 LM head) KL 0.21-0.24, "
+                "top-1 0.70-0.72, ΔPPL +13% to +25%, edgesmith's int4 (imatrix, zero points, int8 LM head) KL 0.21-0.24, "
                 "top-1 0.72-0.77, and the browser bundle's q4 file KL 0.29-0.33, top-1 0.68-0.70, ΔPPL "
                 "+27% to +30%")
 MLC_Q4 = Gate(0.80, 0.50, 0.80, 0.0, "mlc-llm's group quantisation (q4f32_1/q4f16_1: symmetric int4, 32 values a "
