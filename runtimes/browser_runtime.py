@@ -201,6 +201,15 @@ class BrowserRuntime(Runtime):
         side = [p for p in model.parent.parent.iterdir() if p.is_file()]
         return [*paths, *side, model, *sorted(model.parent.glob(model.name + "_data*"))]
 
+    def on_software_adapter(self) -> bool:
+        """Whether the loaded page's WebGPU adapter is a CPU rasteriser (SwiftShader, llvmpipe, ...)."""
+        return any(s in json.dumps(self.loaded.get("adapter_info") or {}).lower() for s in SOFTWARE_ADAPTERS)
+
+    def software_adapter_warning(self) -> str:
+        adapter = self.loaded.get("adapter_info") or {}
+        return (f"WebGPU ran on a software adapter ({adapter.get('vendor')} {adapter.get('architecture')}): "
+                f"its speed says nothing about a GPU")
+
     def bench(self, prompt_ids: Sequence[int], settings: BenchSettings, target: str = "",
               load_s: float | None = None, rss_before_load: float | None = None) -> BenchResult:
         if load_s is None:
@@ -221,10 +230,8 @@ class BrowserRuntime(Runtime):
         peak = (r.get("ua_memory") or {}).get("bytes") or (r.get("memory") or {}).get("usedJSHeapSize")
         before = self._before
         warnings = [w for w in [load_warning(before, self.threads)] if w]
-        adapter = self.loaded.get("adapter_info") or {}
-        if self.device == "webgpu" and any(s in json.dumps(adapter).lower() for s in SOFTWARE_ADAPTERS):
-            warnings.append(f"WebGPU ran on a software adapter ({adapter.get('vendor')} {adapter.get('architecture')}): "
-                            f"its speed says nothing about a GPU")
+        if self.device == "webgpu" and self.on_software_adapter():
+            warnings.append(self.software_adapter_warning())
         if self.device == "wasm" and not self.loaded.get("crossOriginIsolated"):
             warnings.append("the page was not cross-origin isolated: onnxruntime-web ran on one wasm thread")
         return BenchResult(

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 from toolchain.benchschema import BenchResult, BenchSettings, Stat, load_warning, machine_state
 
 from .base import dir_size_mb
-from .browser_runtime import SOFTWARE_ADAPTERS, BrowserRuntime
+from .browser_runtime import BrowserRuntime
 
 APP_CONFIG = "app-config.json"
 # On a software WebGPU adapter (SwiftShader: Vulkan emulated on the CPU) SmolLM2-135M q0f32 ran at
@@ -112,9 +112,7 @@ class BrowserWebllmRuntime(BrowserRuntime):
         self.loaded = dict(reply["load"], info=reply.get("info"))
         # the gates are keyed by the MLC quantisation name (toolchain/gates.py: webllm/<quant>)
         self.precision = self.loaded.get("quant") or None
-        adapter = json.dumps(self.loaded.get("adapter_info") or {}).lower()
-        software = any(s in adapter for s in SOFTWARE_ADAPTERS)
-        limits = self.options.get("limits", SOFTWARE_LIMITS if software else None)
+        limits = self.options.get("limits", SOFTWARE_LIMITS if self.on_software_adapter() else None)
         self.limits = dict(limits, why=SOFTWARE_WHY) if limits else None
 
     # -- the runtime contract ---------------------------------------------------------------------
@@ -154,10 +152,8 @@ class BrowserWebllmRuntime(BrowserRuntime):
             first = check["mismatches"][0]
             warnings.append(f"web-llm's tokenizer or conv_template disagrees with transformers on "
                             f"{len(check['mismatches'])} check(s), e.g. {first['kind']} of {first['text'][:80]!r}")
-        adapter = self.loaded.get("adapter_info") or {}
-        if any(s in json.dumps(adapter).lower() for s in SOFTWARE_ADAPTERS):
-            warnings.append(f"WebGPU ran on a software adapter ({adapter.get('vendor')} {adapter.get('architecture')}): "
-                            f"its speed says nothing about a GPU")
+        if self.on_software_adapter():
+            warnings.append(self.software_adapter_warning())
         heap = (r.get("memory") or {}).get("usedJSHeapSize")
         return BenchResult(
             runtime=self.name, target=target, settings=settings, load_s=load_s,
