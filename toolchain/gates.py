@@ -40,7 +40,9 @@ class Gate:
 
 
 EXACT = Gate(1e-4, 0.999, 0.001, 1.0, "same weights and math in fp32: only summation order differs")
-HALF = Gate(2e-3, 0.99, 0.01, 0.8, "fp16/bf16 weights: ~3 significant digits, rare argmax flips on near-ties")
+HALF = Gate(2e-3, 0.99, 0.01, 0.5, "fp16/bf16 weights: ~3 significant digits, rare argmax flips on near-ties; one "
+            "flip early in a greedy run ends its prefix there: llama.cpp F16 measured greedy prefix 0.80 (match 0.75) "
+            "at KL 4e-6 and top-1 1.0 on one quickstart fine-tune, 1.0 on the others")
 HALF_COMPUTE = Gate(2e-3, 0.97, 0.01, 0.5, "fp16 weights, activations and KV cache (ONNX fp16): ~3 significant digits "
                     "all the way through; measured KL 2e-5, top-1 0.988-0.992 on the fine-tuned quickstart model "
                     "(3 of 256 near-ties flip)")

@@ -28,6 +28,11 @@ GATES = {
     "onnx_fp32_top1_min": 0.999,
     # next-token KL between two fp32 implementations is rounding noise only
     "onnx_fp32_kl_max": 1e-4,
+    # F16 GGUF in llama.cpp vs the merged fp32 model: fp16 weight rounding only, measured KL 4e-6 and top-1
+    # 0.996-1.0; greedy output matched fully in most runs but flipped once at a near-tie (match 0.75), so
+    # the check is on the logits. A wrong tensor or rope layout moves KL by whole units
+    "gguf_f16_kl_max": 1e-4,
+    "gguf_f16_top1_min": 0.99,
     # base F16 GGUF + adapter GGUF applied by llama.cpp vs the merged F16 GGUF: same function up to
     # fp16 rounding of the merged weights and llama.cpp's batched-vs-single kernels (KL ~2e-4)
     "lora_vs_merged_kl_max": 5e-3,
@@ -62,7 +67,8 @@ def test_quickstart(tmp_path):
         assert row["gate"] and row["gate"]["passed"], (name, row["gate"])
         assert row["decode_tps"]["mean"] > 0
     assert gguf_rows["gguf-q4_k_m-imatrix"]["quality"]["kl_mean"] < gguf_rows["gguf-q4_k_m"]["quality"]["kl_mean"]
-    assert gguf_rows["gguf-f16"]["quality"]["greedy_match"] == 1.0
+    f16 = gguf_rows["gguf-f16"]["quality"]  # greedy can flip on an fp16 near-tie: judged on the logits
+    assert f16["kl_mean"] <= GATES["gguf_f16_kl_max"] and f16["top1_agreement"] >= GATES["gguf_f16_top1_min"], f16
     for row in (onnx, torch_row):
         for key in ("ttft_ms", "prefill_tps", "decode_tps"):
             assert row[key]["n"] == 3 and row[key]["mean"] > 0
