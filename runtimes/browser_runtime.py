@@ -1,6 +1,6 @@
 """A browser bundle (exporters.webgpu) run in headless Debian chromium: wasm or WebGPU.
 
-The runtime starts ``node web/driver.mjs --session``, which serves the bundle on 127.0.0.1 (Range
+The runtime starts ``node <web assets>/driver.mjs --session`` (``toolchain.webassets``), which serves the bundle on 127.0.0.1 (Range
 requests, cross-origin isolation headers so onnxruntime-web may use wasm threads), opens the
 bundle's own index.html in chromium through playwright-core, and loads the model with
 transformers.js. Every call then runs in that page through its ``window.edgesmith`` API, so
@@ -34,6 +34,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from toolchain.benchschema import BenchResult, BenchSettings, Stat, load_warning, machine_state
+from toolchain.webassets import SETUP_WEB, driver_command, driver_env, node_modules_dir
 
 from .base import Runtime, dir_size_mb
 
@@ -47,14 +48,12 @@ def chromium_path(option: str | None = None) -> str:
 
 def missing_tools(chromium: str | None = None) -> list[str]:
     """What the browser runtimes need and this machine lacks, each with its fix."""
-    from exporters.webgpu.vendor import web_dir
-
-    web = web_dir()
     out = []
     if not shutil.which("node"):
         out.append("node (fix: apt-get install nodejs npm)")
-    if not (web / "node_modules" / "playwright-core").is_dir():
-        out.append(f"playwright-core in {web}/node_modules (fix: cd {web} && npm run setup)")
+    modules = node_modules_dir()
+    if not (modules / "playwright-core").is_dir():
+        out.append(f"playwright-core in {modules} (fix: {SETUP_WEB})")
     if not os.access(chromium_path(chromium), os.X_OK):
         out.append(f"chromium at {chromium_path(chromium)} (fix: apt-get install chromium, or set $CHROMIUM)")
     return out
@@ -73,7 +72,6 @@ class BrowserRuntime(Runtime):
     # -- the driver session ---------------------------------------------------------------------
     def load(self) -> None:
         from exporters.webgpu.config import DTYPES
-        from exporters.webgpu.vendor import web_dir
 
         if not (self.artifact_dir / "bundle.json").is_file():
             raise FileNotFoundError(f"{self.artifact_dir / 'bundle.json'} not found: {self.artifact_dir} is not a "
@@ -83,10 +81,7 @@ class BrowserRuntime(Runtime):
             raise RuntimeError(f"the {self.name} runtime needs: {'; '.join(missing)}")
         self.timeout_s = float(self.options.get("timeout_s", DEFAULT_TIMEOUT_S))
         self._before = machine_state()  # before chromium starts: its own processes are not "other load"
-        self._stderr = tempfile.TemporaryFile(mode="w+")
-        env = dict(os.environ, CHROMIUM=chromium_path(self.options.get("chromium")))
-        self.proc = subprocess.Popen(["node", str(web_dir() / "driver.mjs"), "--session"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
+        self.start_driver()
         header = {"bundle": str(self.artifact_dir.resolve()), "device": self.device, "timeout_s": self.timeout_s,
                   "threads": self.threads if self.device == "wasm" else None, "dtype": self.options.get("dtype"),
                   "wasm_build": self.options.get("wasm_build")}
@@ -97,6 +92,13 @@ class BrowserRuntime(Runtime):
                                f"{reply.get('error')}")
         self.loaded = dict(reply["load"], info=reply.get("info"))
         self.precision = DTYPES[self.loaded["dtype"]].precision if self.loaded.get("dtype") in DTYPES else None
+
+    def start_driver(self) -> None:
+        """``node driver.mjs --session`` on Debian's chromium (or the ``chromium`` option); stderr kept for errors."""
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        env = driver_env(CHROMIUM=chromium_path(self.options.get("chromium")))
+        self.proc = subprocess.Popen(driver_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self._stderr, text=True, env=env)
 
     def _exchange(self, message: dict) -> dict:
         if self.proc is None or self.proc.poll() is not None:

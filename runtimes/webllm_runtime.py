@@ -1,6 +1,6 @@
 """A WebLLM bundle (exporters.webllm) run in headless Debian chromium through @mlc-ai/web-llm's engine.
 
-Same driver as the ONNX bundle's browser runtime (``node web/driver.mjs --session``: the bundle served
+Same driver as the ONNX bundle's browser runtime (``node <web assets>/driver.mjs --session``: the bundle served
 on 127.0.0.1, its own index.html opened in chromium with WebGPU on, every non-local request blocked),
 but the page is the WebLLM chat page: the model is loaded by web-llm's ``MLCEngine`` from the bundle's
 app-config.json, so what is measured is the engine a user's page runs.
@@ -81,13 +81,6 @@ class BrowserWebllmRuntime(BrowserRuntime):
 
     # -- the driver session ---------------------------------------------------------------------
     def load(self) -> None:
-        import os
-        import subprocess
-        import tempfile
-
-        from exporters.webgpu.vendor import web_dir
-
-        from .browser_runtime import chromium_path
         from .browser_runtime import missing_tools as browser_missing
 
         self._app_config()
@@ -97,10 +90,7 @@ class BrowserWebllmRuntime(BrowserRuntime):
             raise RuntimeError(f"the {self.name} runtime needs: {'; '.join(missing)}")
         self.timeout_s = float(self.options.get("timeout_s", 1800))
         self._before = machine_state()
-        self._stderr = tempfile.TemporaryFile(mode="w+")
-        env = dict(os.environ, CHROMIUM=chromium_path(self.options.get("chromium")))
-        self.proc = subprocess.Popen(["node", str(web_dir() / "driver.mjs"), "--session"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=self._stderr, text=True, env=env)
+        self.start_driver()
         load_options = {k: self.options[k] for k in ("cache_backend",) if self.options.get(k)}
         header = {"bundle": str(self.artifact_dir.resolve()), "device": "webgpu", "timeout_s": self.timeout_s,
                   "model_id": model_id, "load_options": load_options}

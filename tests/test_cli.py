@@ -147,7 +147,9 @@ def test_doctor_json(capsys):
     checks = json.loads(capsys.readouterr().out)
     by_name = {c["name"]: c for c in checks}
     assert set(by_name) >= {"python", "torch", "transformers", "cpu", "chromium", "disk", "embedded-model"}
-    assert all(set(c) == {"name", "ok", "detail", "required"} for c in checks)
+    assert all(set(c) == {"name", "ok", "detail", "required", "fix"} for c in checks)
+    assert all(c["fix"] for c in checks if not c["ok"] and c["name"] not in ("cpu", "disk")), \
+        "every missing piece names the command that installs it"
     disk = by_name["disk"]
     assert disk["required"] is True and "GiB free in" in disk["detail"]
     assert by_name["torch"]["ok"] is True

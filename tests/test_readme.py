@@ -35,7 +35,7 @@ def test_recipe_reference_names_every_key():
     def keys(cls):
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if f.name == "recipe_path":
+            if not f.init:  # set by load_recipe, not a recipe key
                 continue
             yield f.name
             tp = hints[f.name]

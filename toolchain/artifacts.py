@@ -174,8 +174,21 @@ class ArtifactStore:
         os.replace(tmp, link)
 
 
+def _json_default(obj: Any) -> Any:
+    """numpy scalars as numbers (``.item()``), anything else (paths, ...) as its string."""
+    item = getattr(obj, "item", None)
+    return item() if callable(item) and getattr(obj, "shape", None) == () else str(obj)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, default=str, allow_nan=True) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, default=_json_default, allow_nan=True) + "\n")
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
     os.replace(tmp, path)

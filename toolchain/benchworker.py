@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
+
+from toolchain.artifacts import write_json_atomic
 
 
 _BENCH_LIMITS = ("prompt_tokens", "gen_tokens", "repetitions", "warmup")
@@ -58,13 +61,21 @@ def run_job(job: dict) -> dict:
     return out
 
 
+def error_path(result_path: str | Path) -> Path:
+    """Where a failed job leaves its cause: ``{"type", "message"}`` beside the result it did not write."""
+    return Path(str(result_path) + ".error.json")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     job = json.loads(Path(argv[0]).read_text())
-    result = run_job(job)
-    tmp = Path(argv[1] + ".tmp")
-    tmp.write_text(json.dumps(result, default=float))
-    tmp.replace(argv[1])
+    try:
+        result = run_job(job)
+    except Exception as exc:  # the parent reports the cause in one line and keeps this traceback in a log
+        traceback.print_exc()
+        write_json_atomic(error_path(argv[1]), {"type": type(exc).__name__, "message": str(exc)})
+        return 1
+    write_json_atomic(Path(argv[1]), result)
     return 0
 
 

@@ -7,17 +7,36 @@
     edgesmith serve BUNDLE          OpenAI-compatible chat completions over HTTP (127.0.0.1)
     edgesmith targets               registered exporters and runtimes, and whether their extras are installed
     edgesmith doctor                checks packages, CPU features, chromium and disk
+    edgesmith init NAME --data FILE a commented starter recipe for your data
+    edgesmith setup [web|llama-cpp|model]
+                                    install what lies outside pip: npm packages, llama.cpp, the embedded model
+
+Exit codes (EXIT_CODES): 0 done; 1 an internal error (a bug: the traceback is in a log file); 2 the input
+is wrong (recipe, data, command line, a target that cannot take this model: the message names the fix);
+3 a quality gate failed; 4 a stage failed (a tool or worker crashed, training diverged: stage, cause and
+log file are printed); 130 interrupted.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
 from toolchain import __version__
-from toolchain.errors import EdgesmithError
+from toolchain.errors import EdgesmithError, StageError, StageFailed, one_line
+
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_GATE, EXIT_STAGE, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+EXIT_CODES = {
+    EXIT_OK: "done",
+    EXIT_INTERNAL: "internal error (a bug in edgesmith; the traceback is in the log file named)",
+    EXIT_INPUT: "the input is wrong: recipe, data, command line or a target that cannot take this model",
+    EXIT_GATE: "a target failed its quality gate",
+    EXIT_STAGE: "a stage failed (a tool or worker crashed, training diverged); the log file is named",
+    EXIT_INTERRUPTED: "interrupted",
+}
 
 STAGE_COMMANDS = {
     "train": ("train", "Fine-tune (LoRA) on the recipe's data; writes a PEFT adapter directory."),
@@ -62,6 +81,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("doctor", help="check the environment", description="Check Python packages, CPU features, "
                        "chromium, the embedded model and free disk; exits non-zero when something required is missing.")
     p.add_argument("--json", action="store_true", help="print the checks as JSON")
+    from toolchain.setup import add_setup_parser
+    from toolchain.starter import add_init_parser
+
+    add_init_parser(sub)
+    add_setup_parser(sub)
     return parser
 
 
@@ -83,6 +107,8 @@ def cmd_pipeline(args, until: str | None) -> int:
     recipe = load_recipe(args.recipe, parse_overrides(args.set))
     ctx = Context(recipe, progress=not args.quiet and sys.stderr.isatty() or os.environ.get("EDGESMITH_PROGRESS") == "1",
                   resume=args.resume)
+    if not ctx.progress:  # transformers' and huggingface_hub's own bars too (read at import; workers inherit it)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     runner = Runner(ctx)
     only = None
     if getattr(args, "target", None):
@@ -138,8 +164,8 @@ def gate_summary(steps, runner) -> int:
     if failed:
         print(f"edgesmith: {failed} target(s) failed their quality gate (thresholds in toolchain/gates.py)",
               file=sys.stderr)
-        return 3
-    return 0
+        return EXIT_GATE
+    return EXIT_OK
 
 
 def cmd_targets() -> int:
@@ -177,16 +203,45 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "doctor":
             from toolchain.doctor import run_doctor
             return run_doctor(as_json=args.json)
+        if args.command == "init":
+            from toolchain.starter import run_init
+            return run_init(args)
+        if args.command == "setup":
+            from toolchain.setup import run_setup
+            return run_setup(args)
+    except (StageFailed, StageError) as exc:
+        print(f"edgesmith: {exc}", file=sys.stderr)
+        return EXIT_STAGE
     except EdgesmithError as exc:
         print(f"edgesmith: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_INPUT
     except BrokenPipeError:  # output piped into `head` and closed early
         sys.stderr.close()
-        return 0
+        return EXIT_OK
     except KeyboardInterrupt:
         print("edgesmith: interrupted; finished stages are kept, the unfinished one left as .partial", file=sys.stderr)
-        return 130
-    return 0
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug: one line on the terminal, the traceback in a file
+        log = internal_error_log(exc)
+        print(f"edgesmith: internal error: {type(exc).__name__}: {one_line(exc)}\n  full log: {log}\n"
+              f"  (a bug in edgesmith: please report it with that file)", file=sys.stderr)
+        return EXIT_INTERNAL
+    return EXIT_OK
+
+
+def internal_error_log(exc: BaseException) -> Path:
+    """The traceback of an unexpected error, in ``<cache>/logs/`` (the run folder may not exist yet)."""
+    import time
+    import traceback
+
+    from toolchain.artifacts import write_text_atomic
+    from toolchain.webassets import cache_root
+
+    log = cache_root() / "logs" / f"edgesmith-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(log, f"edgesmith {__version__}: {' '.join(sys.argv)}\n\n"
+                      + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)))
+    return log
 
 
 if __name__ == "__main__":

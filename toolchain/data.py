@@ -249,7 +249,7 @@ def _short(value: object) -> object:
 # ----------------------------------------------------------------------------- loading and splitting
 
 @dataclass
-class _FileResult:
+class FileResult:
     path: Path
     examples: list[dict]
     rows_read: int
@@ -258,7 +258,7 @@ class _FileResult:
     skipped: Counter
 
 
-def _load_file(path: Path, fmt: str, system_prompt: str | None) -> _FileResult:
+def load_file(path: Path, fmt: str, system_prompt: str | None) -> FileResult:
     """Read and normalise one file; bad rows become Problems (nothing is raised for them)."""
     examples, problems, skipped = [], [], Counter()
     rows_read, file_fmt, fmt_where = 0, None if fmt == "auto" else fmt, None
@@ -282,10 +282,10 @@ def _load_file(path: Path, fmt: str, system_prompt: str | None) -> _FileResult:
         except RowError as exc:
             problems.append(Problem(where, exc.rule, exc.value, exc.fix))
             skipped[exc.reason] += 1
-    return _FileResult(path, examples, rows_read, file_fmt, problems, skipped)
+    return FileResult(path, examples, rows_read, file_fmt, problems, skipped)
 
 
-def _bad_rows_error(results: list[_FileResult]) -> DataError:
+def bad_rows_error(results: list[FileResult]) -> DataError:
     bad = [r for r in results if r.problems]
     total = sum(len(r.problems) for r in bad)
     problems = [p for r in bad for p in r.problems]
@@ -317,11 +317,11 @@ def load_splits(cfg, base_dir: Path) -> tuple[list[dict], list[dict], dict]:
         p = Path(p).expanduser()
         return p if p.is_absolute() else Path(base_dir) / p
 
-    results = [_load_file(resolve(cfg.path), cfg.format, cfg.system_prompt)]
+    results = [load_file(resolve(cfg.path), cfg.format, cfg.system_prompt)]
     if cfg.eval_path:
-        results.append(_load_file(resolve(cfg.eval_path), cfg.format, cfg.system_prompt))
+        results.append(load_file(resolve(cfg.eval_path), cfg.format, cfg.system_prompt))
     if cfg.bad_rows == "error" and any(r.problems for r in results):
-        raise _bad_rows_error(results)
+        raise bad_rows_error(results)
     for r in results:
         if not r.examples:
             raise DataError(f"{r.path} has no usable rows", [Problem(str(r.path), "must hold at least one good row",

@@ -57,7 +57,27 @@ class ModelSourceError(EdgesmithError):
 
 
 class StageError(EdgesmithError):
-    """A stage failed in a way the user should see plainly (e.g. non-finite merged weights)."""
+    """A stage failed in a way the user should see plainly (e.g. non-finite merged weights); ``log``: a file
+    holding the whole story (a worker's output), when there is one."""
+
+    def __init__(self, message: str, log=None):
+        super().__init__(message)
+        self.log = log
+
+
+class StageFailed(EdgesmithError):
+    """A stage of a run failed: the stage, the cause in one line, and the log file with the full traceback
+    (what the CLI prints instead of a traceback; exit code 4)."""
+
+    def __init__(self, stage: str, cause: str, log):
+        self.stage, self.cause, self.log = stage, cause, log
+        super().__init__(f"stage {stage} failed: {cause}\n  full log: {log}")
+
+
+def one_line(text: str, limit: int = 400) -> str:
+    """The first non-empty line of ``text`` (a cause fit for one terminal line), shortened to ``limit``."""
+    line = next((s.strip() for s in str(text).splitlines() if s.strip()), "")
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 class PreflightError(EdgesmithError):

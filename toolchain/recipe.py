@@ -7,6 +7,7 @@ Later stages (prune, calibrate, DPO, ...) add a section here and a stage module.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,8 +167,10 @@ class Recipe:
     report: ReportSection = opt(default_factory=ReportSection, help="report settings")
     output_dir: str = opt("runs", help="where runs are written (relative to the current directory)")
 
-    # set by load_recipe, not a recipe key (init=False keeps it out of validation and describe)
+    # set by load_recipe, not recipe keys (init=False keeps them out of validation and describe)
     recipe_path: Path | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+    # the folder a relative output_dir is relative to: the working directory when the recipe was loaded
+    work_dir: Path | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def check(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.name or ""):
@@ -192,7 +195,12 @@ class Recipe:
         return p if p.is_absolute() else (self.base_dir / p)
 
     def run_dir(self) -> Path:
-        return Path(self.output_dir).expanduser() / self.name
+        """``<output_dir>/<name>``, absolute: every stage, subprocess and browser gets a path that does not
+        depend on its own working directory."""
+        out = Path(self.output_dir).expanduser()
+        if not out.is_absolute():
+            out = (self.work_dir or Path.cwd()) / out
+        return Path(os.path.abspath(out / self.name))
 
     def section_dict(self, name: str) -> dict:
         value = getattr(self, name)
@@ -225,6 +233,7 @@ def load_recipe(path: str | Path, overrides: dict[str, Any] | None = None) -> Re
     recipe = validate_section(data, Recipe, "", loc, problems)
     if recipe is not None:
         recipe.recipe_path = path.resolve()
+        recipe.work_dir = Path.cwd()
         if recipe.data is not None:
             for key in ("path", "eval_path"):
                 value = getattr(recipe.data, key)

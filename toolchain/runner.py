@@ -12,8 +12,8 @@ import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
-from toolchain.artifacts import Artifact, ArtifactStore, stage_key, write_json_atomic
-from toolchain.errors import EdgesmithError, StageError
+from toolchain.artifacts import Artifact, ArtifactStore, stage_key, write_json_atomic, write_text_atomic
+from toolchain.errors import EdgesmithError, StageError, StageFailed, one_line
 from toolchain.stages import Context, Stage, plan, preflight_targets
 
 
@@ -105,12 +105,13 @@ class Runner:
                 if s.kind == "report":
                     self.ctx.steps = steps  # the report lists what ran and what was cached
                 figures = s.run(self.ctx, inputs, partial)
+            except StageError as exc:
+                raise StageFailed(s.id, one_line(exc), self._failure_log(s.id, exc)) from exc
             except EdgesmithError:
-                raise
+                raise  # the user's input: its message names the place and the fix
             except Exception as exc:
-                (partial / "error.log").write_text(traceback.format_exc())
-                raise StageError(f"stage {s.id} failed: {type(exc).__name__}: {exc} "
-                                 f"(traceback in {partial / 'error.log'})") from exc
+                cause = f"{type(exc).__name__}: {one_line(exc) or '(no message)'}"
+                raise StageFailed(s.id, cause, self._failure_log(s.id, exc)) from exc
             wall = time.perf_counter() - t
             art = self.store.commit(s.id, s.kind, key, s.config, {i: a.hash for i, a in inputs.items()},
                                     figures or {}, wall)
@@ -121,6 +122,19 @@ class Runner:
             self.ctx.log(f"[{n}/{total}] {s.id}: done in {wall:.1f}s -> {art.path}")
         self._write_index(steps, time.perf_counter() - t_run)
         return steps
+
+    def _failure_log(self, stage_id: str, exc: BaseException) -> Path:
+        """``<run_dir>/logs/<stage>.log``: the traceback, and the worker's own output when it ran one.
+        Kept outside the stage's .partial folder, which the next run clears."""
+        log = self.run_dir / "logs" / f"{stage_id}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        text = f"stage {stage_id} failed at {time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n\n"
+        text += "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        worker = getattr(exc, "log", None)
+        if worker and Path(worker).is_file():
+            text += f"\n--- {worker} ---\n" + Path(worker).read_text(errors="replace")
+        write_text_atomic(log, text)
+        return log
 
     def _write_index(self, steps: list[Step], wall: float) -> None:
         write_json_atomic(self.run_dir / "run.json", {

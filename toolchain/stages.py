@@ -7,6 +7,7 @@ stage builder here and a module for its work, not changing the runner.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -15,7 +16,8 @@ from pathlib import Path
 from typing import Callable
 
 from toolchain.artifacts import Artifact, fingerprint_path
-from toolchain.errors import EdgesmithError, StageError
+from toolchain.errors import EdgesmithError, StageError, one_line
+from toolchain.procenv import python_env
 from toolchain.recipe import Recipe
 
 ROLE_ORDER = ("data", "model", "train", "merge", "eval", "reference", "calibrate", "imatrix", "export", "bench",
@@ -183,15 +185,16 @@ def make_bench(runtime: str, target_name: str, source_id: str) -> Callable:
                "options": options,
                "reference": str(inputs["reference"].path.resolve()), "settings": settings,
                "greedy_tokens": b.greedy_tokens}
+        out = out.resolve()
         job_path, result_path = out / "job.json", out / "result.json"
         job_path.write_text(json.dumps(job, indent=1))
+        # absolute paths, and the worker imports this very edgesmith whatever the working directory
         proc = subprocess.run([sys.executable, "-m", "toolchain.benchworker", str(job_path), str(result_path)],
-                              capture_output=True, text=True, cwd=str(Path(__file__).resolve().parent.parent))
-        (out / "worker.log").write_text(proc.stdout + proc.stderr)
+                              capture_output=True, text=True, cwd=str(out), env=python_env())
+        log = out / "worker.log"
+        log.write_text(proc.stdout + proc.stderr)
         if proc.returncode != 0 or not result_path.exists():
-            tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-            raise StageError(f"benchmark of {target_name} on {runtime} failed (exit code {proc.returncode}"
-                             f"{', killed by signal ' + str(-proc.returncode) if proc.returncode < 0 else ''}):\n{tail}")
+            raise StageError(f"benchmark of {target_name} on {runtime}: {worker_cause(proc, result_path)}", log=log)
         result = json.loads(result_path.read_text())
         fig = inputs[source_id].figures
         fmt, precision = (fig.get("format"), fig.get("precision")) if source_id.startswith("export-") else ("torch", "fp32")
@@ -199,6 +202,24 @@ def make_bench(runtime: str, target_name: str, source_id: str) -> Callable:
         result["format"], result["precision"] = fmt, result.get("precision") or precision
         return result
     return run_bench
+
+
+def worker_cause(proc: subprocess.CompletedProcess, result_path: Path) -> str:
+    """Why a worker process failed, in one line: the exception it reported, else how it ended."""
+    from toolchain.benchworker import error_path
+
+    err = error_path(result_path)
+    if err.is_file():
+        e = json.loads(err.read_text())
+        return f"{e['type']}: {one_line(e['message'])}"
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        return f"the worker was killed by {name} (exit code {proc.returncode})"
+    last = one_line("\n".join(reversed((proc.stderr or proc.stdout or "").strip().splitlines())))
+    return f"the worker exited with code {proc.returncode}" + (f": {last}" if last else " and wrote no result")
 
 
 def run_report(ctx: Context, inputs: dict[str, Artifact], out: Path) -> dict:

@@ -15,6 +15,7 @@
 // host other than the bundle's is blocked and fails the job: a bundle must be self-contained.
 // Both modes share the server, the chromium launch (fresh profile, same flags) and the page setup.
 import { createReadStream, rmSync } from 'node:fs';
+import { createRequire } from 'node:module';
 import { mkdtemp, readFile, rename, rm, stat, writeFile } from 'node:fs/promises';
 import { createServer } from 'node:http';
 import { tmpdir } from 'node:os';
@@ -43,6 +44,14 @@ const CHROMIUM_ARGS = [
   '--no-first-run', '--enable-unsafe-webgpu', '--enable-unsafe-swiftshader',
   '--enable-blink-features=ForceEagerMeasureMemory',
 ];
+
+/** playwright-core: from $EDGESMITH_NODE_MODULES when set (edgesmith's user cache: this script may be
+ * installed apart from its npm packages), else resolved beside this script (a clone's web/node_modules). */
+export async function loadPlaywright() {
+  const modules = process.env.EDGESMITH_NODE_MODULES;
+  if (!modules) return import('playwright-core');
+  return createRequire(join(resolve(modules), '..', 'resolve-from-here.js'))('playwright-core');
+}
 
 /** playwright-core launch options: Debian's chromium (or $CHROMIUM), headless, never a downloaded build. */
 export const chromiumOptions = () => ({
@@ -169,7 +178,7 @@ class BundlePage {
 
   async open() {
     try {
-      const { chromium } = await import('playwright-core');
+      const { chromium } = await loadPlaywright();
       ({ server: this.server, origin: this.origin } = await serveBundle(this.job.bundle));
       this.profile = await mkdtemp(join(tmpdir(), 'edgesmith-chromium-'));
       removeAtExit(this.profile);

@@ -1,10 +1,10 @@
 """The WebLLM bundle's chat page and its vendored @mlc-ai/web-llm, and the app-config entry.
 
-The page (``web/page-webllm/``: index.html, app.js) imports ``./vendor/web-llm/index.js``, web-llm's
-own single-file ES module (it embeds tvmjs, the tokenizers and xgrammar wasm), copied from
-``web/node_modules`` as ``npm run setup`` installed it from ``web/package-lock.json``. The version is
-checked against package.json and the lock file: the model library's ABI must be the one that engine
-was built for.
+The page (``page-webllm/`` of the web assets: index.html, app.js) imports ``./vendor/web-llm/index.js``,
+web-llm's own single-file ES module (it embeds tvmjs, the tokenizers and xgrammar wasm), copied from
+the npm packages ``edgesmith setup web`` installed from the assets' ``package-lock.json``
+(``toolchain.webassets``). The version is checked against package.json and the lock file: the model
+library's ABI must be the one that engine was built for.
 
 How web-llm 0.2.86 reads an app-config ``ModelRecord`` (what the page relies on):
 
@@ -28,12 +28,11 @@ import shutil
 from pathlib import Path
 
 from toolchain.errors import EdgesmithError, PreflightError
-
-from exporters.webgpu.vendor import web_dir
+from toolchain.webassets import SETUP_WEB, assets_dir, node_modules_dir
 
 PACKAGE = "@mlc-ai/web-llm"
-PAGE_DIR = "page-webllm"  # inside web/
-VENDOR_FILES = {  # bundle path -> file inside web/node_modules/@mlc-ai/web-llm
+PAGE_DIR = "page-webllm"  # inside the web assets
+VENDOR_FILES = {  # bundle path -> file inside node_modules/@mlc-ai/web-llm
     "vendor/web-llm/index.js": "lib/index.js",
 }
 LICENSE_FILES = {"vendor/web-llm/LICENSE": "LICENSE"}  # shipped when the package has it
@@ -49,30 +48,25 @@ CACHE_BACKENDS = ("cache", "indexeddb", "opfs")  # web-llm 0.2.86's AppConfig.ca
 DEFAULT_CACHE_BACKEND = "cache"  # the Cache API: web-llm's default and its best-tested backend
 
 
-def _fix() -> str:
-    return f"cd {web_dir()} && npm run setup"
-
-
 def check_installed(web: Path | None = None) -> str:
     """The installed web-llm version; raises with the fix when it is missing or not the pinned one."""
-    web = web or web_dir()
+    web = web or assets_dir()
     if not (web / PAGE_DIR / "app.js").is_file():
-        raise PreflightError(f"webllm export: {web / PAGE_DIR} has no app.js: the chat page ships with the edgesmith "
-                             f"repository (fix: install edgesmith from a clone with `pip install -e .`, or set "
-                             f"EDGESMITH_WEB to its web/ folder)")
+        raise PreflightError(f"webllm export: {web / PAGE_DIR} has no app.js: this edgesmith install lacks its chat "
+                             f"page (fix: reinstall edgesmith, or set EDGESMITH_WEB to a clone's web/ folder)")
     pinned = json.loads((web / "package.json").read_text()).get("dependencies", {}).get(PACKAGE)
     lock_path = web / "package-lock.json"
     locked = (json.loads(lock_path.read_text()).get("packages", {}).get(f"node_modules/{PACKAGE}", {})
               .get("version") if lock_path.is_file() else None)
-    pkg = web / "node_modules" / PACKAGE / "package.json"
+    pkg = node_modules_dir(web) / PACKAGE / "package.json"
     installed = json.loads(pkg.read_text())["version"] if pkg.is_file() else None
     if pinned is None or locked != pinned:
-        raise PreflightError(f"webllm export: web/package.json pins {PACKAGE} {pinned!r} but web/package-lock.json "
-                             f"locks {locked!r}: they must agree (fix: cd {web} && npm install {PACKAGE}@{pinned} "
-                             f"--ignore-scripts)")
+        raise PreflightError(f"webllm export: {web / 'package.json'} pins {PACKAGE} {pinned!r} but its "
+                             f"package-lock.json locks {locked!r}: they must agree (fix: cd {web} && npm install "
+                             f"{PACKAGE}@{pinned} --ignore-scripts)")
     if installed != pinned:
-        raise PreflightError(f"webllm export: web/node_modules has {PACKAGE} {installed or 'missing'}, "
-                             f"web/package-lock.json locks {pinned} (fix: {_fix()})")
+        raise PreflightError(f"webllm export: {node_modules_dir(web)} has {PACKAGE} {installed or 'missing'}, "
+                             f"package-lock.json locks {pinned} (fix: {SETUP_WEB})")
     return installed
 
 
@@ -89,16 +83,16 @@ def copy_page(bundle_dir: Path, web: Path | None = None) -> dict:
     """index.html, app.js and web-llm's lib/index.js into ``bundle_dir``; returns {version, files, bytes}.
 
     Files are copied to a temporary name and renamed when whole."""
-    web = web or web_dir()
+    web = web or assets_dir()
     bundle_dir = Path(bundle_dir)
     version = check_installed(web)
     copies = {src.name: src for src in sorted((web / PAGE_DIR).iterdir()) if src.is_file()}
-    package = web / "node_modules" / PACKAGE
+    package = node_modules_dir(web) / PACKAGE
     copies.update({dest: package / src for dest, src in VENDOR_FILES.items()})
     copies.update({dest: package / src for dest, src in LICENSE_FILES.items() if (package / src).is_file()})
     for dest, src in copies.items():
         if not src.is_file():
-            raise PreflightError(f"webllm export: {src} is missing (fix: {_fix()})")
+            raise PreflightError(f"webllm export: {src} is missing (fix: {SETUP_WEB})")
         target = bundle_dir / dest
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(target.name + ".tmp")

@@ -167,5 +167,6 @@ def test_missing_node_modules_names_the_fix(spread_model_dir, tmp_path, monkeypa
     (web / "package.json").write_text(json.dumps({"dependencies": {"@huggingface/transformers": "3.8.1",
                                                                     "onnxruntime-web": "1.22.0"}}))
     monkeypatch.setenv("EDGESMITH_WEB", str(web))
-    with pytest.raises(PreflightError, match="npm run setup"):
+    monkeypatch.setenv("EDGESMITH_CACHE", str(tmp_path / "cache"))  # no packages installed there either
+    with pytest.raises(PreflightError, match="fix: edgesmith setup web"):
         preflight(spread_model_dir, {})

@@ -62,10 +62,11 @@ def test_app_config_refusals_name_the_fix():
 
 # ---------------------------------------------------------------------------- the vendored page
 def test_copy_page_vendors_web_llm_at_the_locked_version(tmp_path):
-    from exporters.webllm.vendor import check_installed, copy_page, web_dir
+    from exporters.webllm.vendor import check_installed, copy_page
+    from toolchain.webassets import node_modules_dir
 
-    if not (web_dir() / "node_modules" / "@mlc-ai" / "web-llm" / "lib" / "index.js").is_file():
-        pytest.skip("web/node_modules has no @mlc-ai/web-llm (fix: cd web && npm run setup)")
+    if not (node_modules_dir() / "@mlc-ai" / "web-llm" / "lib" / "index.js").is_file():
+        pytest.skip(f"{node_modules_dir()} has no @mlc-ai/web-llm (fix: edgesmith setup web)")
     out = copy_page(tmp_path)
     assert out["version"] == check_installed() == "0.2.86"
     assert {"index.html", "app.js", "vendor/web-llm/index.js"} <= set(out["files"])
@@ -87,10 +88,10 @@ def test_a_stale_install_is_refused_with_the_fix(tmp_path):
     pkg = web / "node_modules" / "@mlc-ai" / "web-llm"
     pkg.mkdir(parents=True)
     (pkg / "package.json").write_text(json.dumps({"version": "0.2.80"}))
-    with pytest.raises(PreflightError, match=r"has @mlc-ai/web-llm 0.2.80, .*locks 0.2.86 \(fix: cd .* npm run setup\)"):
+    with pytest.raises(PreflightError, match=r"has @mlc-ai/web-llm 0.2.80, .*locks 0.2.86 \(fix: edgesmith setup web\)"):
         check_installed(web)
     (web / "package-lock.json").write_text(json.dumps({"packages": {}}))
-    with pytest.raises(PreflightError, match="web/package-lock.json locks None"):
+    with pytest.raises(PreflightError, match="package-lock.json locks None"):
         check_installed(web)
 
 

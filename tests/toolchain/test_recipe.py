@@ -73,7 +73,18 @@ def test_quickstart_loads_with_typed_values():
     assert target.bench_runtimes == ["onnxruntime"]
     assert recipe.recipe_path == QUICKSTART.resolve()
     assert recipe.resolve(recipe.data.path) == REPO / "examples" / "data" / "dates.jsonl"
-    assert recipe.run_dir() == Path("runs") / "quickstart"
+    # output_dir is relative to the folder the recipe was loaded from, and run_dir() absolute
+    assert recipe.run_dir() == Path.cwd() / "runs" / "quickstart" and recipe.run_dir().is_absolute()
+
+
+def test_run_dir_stays_where_the_recipe_was_loaded(tmp_path, monkeypatch):
+    path = _write(tmp_path, "name: here\noutput_dir: out\n")
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(path.name)
+    monkeypatch.chdir("/")  # a later chdir (a subprocess's cwd) does not move the run
+    assert recipe.run_dir() == tmp_path / "out" / "here"
+    absolute = load_recipe(path, {"output_dir": str(tmp_path / "abs")})
+    assert absolute.run_dir() == tmp_path / "abs" / "here"
 
 
 def test_defaults_fill_sections_the_recipe_omits(tmp_path):

@@ -71,7 +71,6 @@ RELOCATABLE_FLAGS = ("-r",)
 DISTRIBUTIONS = {"tvm": "apache-tvm", "tvm-ffi": "apache-tvm-ffi"}
 
 RUNTIME_OBJECT = "tvm_web_runtime.o"
-CACHE_ROOT_ENV = "EDGESMITH_CACHE"  # default ~/.cache/edgesmith, as elsewhere in edgesmith
 
 
 def _log(msg: str) -> None:
@@ -79,8 +78,9 @@ def _log(msg: str) -> None:
 
 
 def _cache_root() -> Path:
-    base = Path(os.environ.get(CACHE_ROOT_ENV, Path.home() / ".cache" / "edgesmith"))
-    return base / "webllm"
+    from toolchain.webassets import cache_root
+
+    return cache_root() / "webllm"
 
 
 # -- tools ----------------------------------------------------------------------------------------
