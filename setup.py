@@ -2,7 +2,7 @@
 
 The browser side lives in the repository's top-level web/ folder (node tests, npm lock file, pages,
 driver); the distribution installs its assets as the package ``edgesmith_web`` so that a wheel
-install has them too (toolchain/webassets.py finds them, in a clone and in site-packages alike).
+install has them too (toolchain/core/webassets.py finds them, in a clone and in site-packages alike).
 """
 from setuptools import find_packages, setup
 

@@ -45,7 +45,7 @@ def candidates(threads: int) -> list[tuple[str, str, str, int, dict]]:
 def measure(bundle: Path, runtime: str, dtype: str, threads: int, ids: list[int], gen: int, options: dict) -> dict:
     from runtimes.browser_runtime import BrowserWasmRuntime
     from runtimes.onnxruntime_runtime import OnnxRuntime
-    from toolchain.benchschema import BenchSettings
+    from toolchain.core.benchschema import BenchSettings
 
     files = json.loads((bundle / "bundle.json").read_text())["files"]
     settings = BenchSettings(threads=threads, prompt_tokens=len(ids), gen_tokens=gen, repetitions=1, warmup=1)
@@ -70,10 +70,11 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args(argv)
 
-    from exporters.webgpu import export
     from gguf_vs_llamacpp import embedded_hf_dir
-    from toolchain import prompts
     from transformers import AutoTokenizer
+
+    from exporters.webgpu import export
+    from toolchain.core import prompts
 
     with tempfile.TemporaryDirectory() as tmp:
         hf = embedded_hf_dir(Path(tmp))

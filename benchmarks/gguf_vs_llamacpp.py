@@ -50,7 +50,11 @@ def llama_cpp_source() -> Path:
 
 
 def embedded_hf_dir(work: Path) -> Path:
-    from toolchain.models import load_model_and_tokenizer, resolve_source, save_hf_dir
+    from toolchain.core.models import (
+        load_model_and_tokenizer,
+        resolve_source,
+        save_hf_dir,
+    )
 
     out = work / "smollm2-135m-instruct"
     if not (out / "config.json").exists():
@@ -114,8 +118,8 @@ def main() -> int:
     from exporters.gguf.quantize import quantize
     from runtimes.base import log_softmax
     from runtimes.llamacpp_runtime import LlamaCppRuntime
-    from toolchain.benchschema import BenchSettings
-    from toolchain.prompts import QUALITY_TEXT
+    from toolchain.core.benchschema import BenchSettings
+    from toolchain.core.prompts import QUALITY_TEXT
 
     work = Path(tempfile.mkdtemp(prefix="gguf-bench-"))
     hf = embedded_hf_dir(work)

@@ -105,7 +105,7 @@ def _stamp(out: Path, key: str, **extra) -> None:
 
 def export_fp32(hf_dir: Path, out: Path) -> None:
     """``optimum-cli export onnx --task text-generation-with-past`` into ``out`` (replaced)."""
-    from toolchain.models import effective_rope_theta
+    from toolchain.core.models import effective_rope_theta
 
     optimum_env()
     tmp = out.with_name(out.name + ".tmp")
@@ -123,7 +123,7 @@ def export_fp32(hf_dir: Path, out: Path) -> None:
     if want is not None and (got is None or abs(float(got) - float(want)) > 1e-6 * float(want)):
         shutil.rmtree(tmp)
         raise RuntimeError(f"optimum's transformers read rope_theta={got}, the model has {want}: write a "
-                           f"top-level rope_theta into {hf_dir}/config.json (toolchain.models.patch_config)")
+                           f"top-level rope_theta into {hf_dir}/config.json (toolchain.core.models.patch_config)")
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 
@@ -174,8 +174,8 @@ def verify(hf_dir: Path, dirs: dict[str, Path], threads: int) -> dict:
     from runtimes.base import log_softmax, quality_against
     from runtimes.onnxruntime_runtime import OnnxRuntime
     from runtimes.torch_runtime import TorchRuntime
-    from toolchain.evaluate import reference_inputs, stop_ids
-    from toolchain.recipe import BenchSection
+    from toolchain.pipeline.recipe import BenchSection
+    from toolchain.stages.reference import reference_inputs, stop_ids
 
     cfg = BenchSection()
     inputs = reference_inputs(AutoTokenizer.from_pretrained(hf_dir), [], cfg)
@@ -196,7 +196,7 @@ def verify(hf_dir: Path, dirs: dict[str, Path], threads: int) -> dict:
 
 def bench(onnx_dir: Path, threads: int, repetitions: int) -> dict:
     """The pipeline's benchmark (``Runtime.bench``, default BenchSettings: 128-token prompt, 64
-    tokens generated) on the pipeline's bench prompt, in a fresh process (as toolchain.benchworker
+    tokens generated) on the pipeline's bench prompt, in a fresh process (as toolchain.stages.benchworker
     does) so peak memory and thread pools are this model's alone."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -209,9 +209,9 @@ def _bench_here(onnx_dir: Path, threads: int, repetitions: int) -> dict:
     from transformers import AutoTokenizer
 
     from runtimes.onnxruntime_runtime import OnnxRuntime
-    from toolchain.benchschema import BenchSettings
-    from toolchain.evaluate import reference_inputs
-    from toolchain.recipe import BenchSection
+    from toolchain.core.benchschema import BenchSettings
+    from toolchain.pipeline.recipe import BenchSection
+    from toolchain.stages.reference import reference_inputs
 
     settings = BenchSettings(threads=threads, repetitions=repetitions)
     ids = reference_inputs(AutoTokenizer.from_pretrained(onnx_dir), [], BenchSection())["bench_prompt_ids"]

@@ -53,10 +53,11 @@ OBVIOUS = "obvious: optimum + quantize_dynamic int8"
 
 def build_all(work: Path) -> dict[str, tuple[str, Path]]:
     """name -> (runtime, artifact dir)."""
-    from exporters.gguf.export import export as export_gguf
-    from exporters.onnx import export as export_onnx
     from gguf_vs_llamacpp import embedded_hf_dir
     from obvious_onnx import build_obvious_int8
+
+    from exporters.gguf.export import export as export_gguf
+    from exporters.onnx import export as export_onnx
 
     hf = embedded_hf_dir(work)
     out: dict[str, tuple[str, Path]] = {}
@@ -76,9 +77,10 @@ def build_all(work: Path) -> dict[str, tuple[str, Path]]:
 
 def reference(work: Path, hf: Path) -> tuple[list[int], list[int], Path]:
     """Prompt ids for the speed runs, held-out ids for quality, and transformers' logits for them."""
-    from runtimes.torch_runtime import TorchRuntime
-    from toolchain.prompts import QUALITY_TEXT
     from transformers import AutoTokenizer
+
+    from runtimes.torch_runtime import TorchRuntime
+    from toolchain.core.prompts import QUALITY_TEXT
 
     tok = AutoTokenizer.from_pretrained(hf)
     quality_ids = tok(QUALITY_TEXT, add_special_tokens=False)["input_ids"][:256]
@@ -93,8 +95,8 @@ def reference(work: Path, hf: Path) -> tuple[list[int], list[int], Path]:
 
 def worker(job: dict) -> dict:
     """One repetition of one candidate (and its quality, first round only)."""
-    from toolchain.benchschema import BenchSettings
-    from toolchain.registry import RUNTIMES
+    from toolchain.core.benchschema import BenchSettings
+    from toolchain.pipeline.registry import RUNTIMES
 
     rt = RUNTIMES.get(job["runtime"]).load()(job["artifact"], threads=job["threads"])
     settings = BenchSettings(threads=job["threads"], prompt_tokens=len(job["prompt_ids"]), gen_tokens=job["gen_tokens"],

@@ -27,7 +27,7 @@ def require_tokenizer_files(model_dir, what: str) -> None:
     """Refuse a model folder without the files a browser bundle tokenises and chats with."""
     from pathlib import Path
 
-    from toolchain.errors import PreflightError
+    from toolchain.core.errors import PreflightError
 
     missing = [n for n in BROWSER_MODEL_FILES if not (Path(model_dir) / n).is_file()]
     if missing:
@@ -43,7 +43,7 @@ def place_bundle(tmp, out_dir, bundle: dict, bundle_file: str = "bundle.json") -
     import shutil
     from pathlib import Path
 
-    from toolchain.artifacts import write_json_atomic
+    from toolchain.core.files import write_json_atomic
 
     tmp, out_dir = Path(tmp), Path(out_dir)
     (tmp / bundle_file).unlink(missing_ok=True)

@@ -5,7 +5,7 @@
   expects (``TensorMismatchError`` lists missing, extra and wrongly shaped tensors separately);
 - ``read_rope``: the rotary embedding from either config layout. transformers 5 keeps
   ``rope_theta`` under ``rope_parameters`` and 4.57 reads only the top-level key, silently falling
-  back to 10000 (the drift DESIGN.md records), so every exporter reads it here, one way;
+  back to 10000 (the drift docs/architecture.md records (facts)), so every exporter reads it here, one way;
 - ``positive_int`` and ``refuse``: config values checked with errors that name key, value and fix.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from toolchain.errors import ModelSourceError, PreflightError, StageError
+from toolchain.core.errors import ModelSourceError, PreflightError, StageError
 
 ROPE_DEFAULT = "default"  # the plain rotary embedding's rope_type
 DEFAULT_ROPE_THETA = 10000.0  # transformers' default when a config names none
@@ -33,7 +33,7 @@ class Rope:
     """One rotary embedding as config.json describes it (transformers 4 or 5 layout)."""
 
     theta: float
-    source: str  # which config key theta came from (see DESIGN.md, the rope_theta pitfall)
+    source: str  # which config key theta came from (see docs/architecture.md, facts: the rope_theta pitfall)
     rope_type: str = ROPE_DEFAULT
     params: dict = field(default_factory=dict)  # the rest: factor, long_factor, ...
 
@@ -44,7 +44,7 @@ def read_rope(config: dict, section: str | None = None, default_theta: float = D
     transformers 5 writes ``rope_parameters: {rope_theta, rope_type, ...}``, per attention kind
     for some models (``{"full_attention": {...}, "sliding_attention": {...}}``); older versions
     wrote top-level ``rope_theta`` and an optional ``rope_scaling``. Reading only one of them
-    silently falls back to 10000 on the other kind of file, which is the drift DESIGN.md records.
+    silently falls back to 10000 on the other kind of file, which is the drift docs/architecture.md records (facts).
     """
     block = config.get("rope_parameters")
     where = "rope_parameters"

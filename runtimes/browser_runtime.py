@@ -1,6 +1,6 @@
 """A browser bundle (exporters.webgpu) run in headless Debian chromium: wasm or WebGPU.
 
-The runtime starts ``node <web assets>/driver.mjs --session`` (``toolchain.webassets``), which serves the bundle on 127.0.0.1 (Range
+The runtime starts ``node <web assets>/driver.mjs --session`` (``toolchain.core.webassets``), which serves the bundle on 127.0.0.1 (Range
 requests, cross-origin isolation headers so onnxruntime-web may use wasm threads), opens the
 bundle's own index.html in chromium through playwright-core, and loads the model with
 transformers.js. Every call then runs in that page through its ``window.edgesmith`` API, so
@@ -33,8 +33,19 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from toolchain.benchschema import BenchResult, BenchSettings, Stat, load_warning, machine_state
-from toolchain.webassets import SETUP_WEB, driver_command, driver_env, node_modules_dir
+from toolchain.core.benchschema import (
+    BenchResult,
+    BenchSettings,
+    Stat,
+    load_warning,
+    machine_state,
+)
+from toolchain.core.webassets import (
+    SETUP_WEB,
+    driver_command,
+    driver_env,
+    node_modules_dir,
+)
 
 from .base import Runtime, dir_size_mb
 
@@ -71,8 +82,6 @@ class BrowserRuntime(Runtime):
 
     # -- the driver session ---------------------------------------------------------------------
     def load(self) -> None:
-        from exporters.webgpu.config import DTYPES
-
         if not (self.artifact_dir / "bundle.json").is_file():
             raise FileNotFoundError(f"{self.artifact_dir / 'bundle.json'} not found: {self.artifact_dir} is not a "
                                     f"browser bundle (fix: export it with the `webgpu` format)")
@@ -91,7 +100,9 @@ class BrowserRuntime(Runtime):
             raise RuntimeError(f"{self.name}: the bundle did not load in chromium ({reply.get('failed_step')}): "
                                f"{reply.get('error')}")
         self.loaded = dict(reply["load"], info=reply.get("info"))
-        self.precision = DTYPES[self.loaded["dtype"]].precision if self.loaded.get("dtype") in DTYPES else None
+        # the bundle says which precision each of its dtypes is (the exporter owns that fact)
+        precisions = json.loads((self.artifact_dir / "bundle.json").read_text()).get("precisions") or {}
+        self.precision = precisions.get(self.loaded.get("dtype"))
 
     def start_driver(self) -> None:
         """``node driver.mjs --session`` on Debian's chromium (or the ``chromium`` option); stderr kept for errors."""
@@ -263,7 +274,7 @@ def compare_tokenizer(call, model_dir, user_last_only: bool = False) -> dict:
     ``user_last_only``: those ending with a user message, for a chat API that answers one)."""
     from transformers import AutoTokenizer
 
-    from exporters.onnx.genai import CHECK_CONVERSATIONS, CHECK_STRINGS
+    from toolchain.core.prompts import CHECK_CONVERSATIONS, CHECK_STRINGS
 
     hf = AutoTokenizer.from_pretrained(model_dir)
     mismatches, conversations = [], 0

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from toolchain.errors import EdgesmithError
+from toolchain.core.errors import EdgesmithError
 
 from .base import Runtime
 

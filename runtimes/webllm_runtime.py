@@ -29,7 +29,13 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from toolchain.benchschema import BenchResult, BenchSettings, Stat, load_warning, machine_state
+from toolchain.core.benchschema import (
+    BenchResult,
+    BenchSettings,
+    Stat,
+    load_warning,
+    machine_state,
+)
 
 from .base import dir_size_mb
 from .browser_runtime import BrowserRuntime
@@ -38,7 +44,7 @@ APP_CONFIG = "app-config.json"
 # On a software WebGPU adapter (SwiftShader: Vulkan emulated on the CPU) SmolLM2-135M q0f32 ran at
 # 0.38 tok/s prefill and 0.05 tok/s decode here (a 2-prompt x 8-token run took 14 minutes), so a full
 # benchmark (6 greedy prompts, logits over 256 positions at one engine step each, 3 repetitions)
-# would take hours. There the benchmark worker runs this much (toolchain.benchworker; the result
+# would take hours. There the benchmark worker runs this much (toolchain.stages.benchworker; the result
 # records it); option `limits` overrides it ({} for the full measurement).
 SOFTWARE_LIMITS = {"greedy_prompts": 2, "greedy_tokens": 6, "logit_positions": 0, "prompt_tokens": 8,
                    "gen_tokens": 2, "repetitions": 1, "warmup": 0}
@@ -100,7 +106,7 @@ class BrowserWebllmRuntime(BrowserRuntime):
             raise RuntimeError(f"{self.name}: the bundle did not load in chromium ({reply.get('failed_step')}): "
                                f"{reply.get('error')}")
         self.loaded = dict(reply["load"], info=reply.get("info"))
-        # the gates are keyed by the MLC quantisation name (toolchain/gates.py: webllm/<quant>)
+        # the gates are keyed by the MLC quantisation name (toolchain/quality/gates.py: webllm/<quant>)
         self.precision = self.loaded.get("quant") or None
         limits = self.options.get("limits", SOFTWARE_LIMITS if self.on_software_adapter() else None)
         self.limits = dict(limits, why=SOFTWARE_WHY) if limits else None
@@ -165,11 +171,11 @@ class BrowserWebllmRuntime(BrowserRuntime):
 
 def missing_tools(chromium: str | None = None) -> list[str]:
     """What this runtime needs and the machine lacks (node, playwright-core, chromium, web-llm), each with its fix."""
-    from exporters.webllm.vendor import missing_packages
+    from toolchain.core.webassets import missing_npm
 
     from .browser_runtime import missing_tools as browser_missing
 
-    return browser_missing(chromium) + missing_packages()
+    return browser_missing(chromium) + missing_npm("@mlc-ai/web-llm")
 
 
 def bundle_model_ids(bundle: str | Path) -> list[str]:

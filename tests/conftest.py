@@ -72,7 +72,7 @@ def spread_weights(hf_dir: Path, seed: int = 1) -> None:
 def build_spread_llama(out: Path, texts: list[str]):
     """A tiny untied Llama with unit-scale weights and a ChatML tokenizer saved the way edgesmith
     saves models (chat template inside tokenizer_config.json); returns the tokenizer."""
-    from toolchain.models import patch_config, save_tokenizer
+    from toolchain.core.models import patch_config, save_tokenizer
 
     tok = build_tokenizer(out, texts)
     build_tiny_llama(out, tok, tie=False)
@@ -101,7 +101,7 @@ def page_packages_or_skip(check_installed) -> None:
     unless EDGESMITH_REQUIRE_BROWSER is set: there a missing package is a broken install."""
     import os
 
-    from toolchain.errors import PreflightError
+    from toolchain.core.errors import PreflightError
 
     try:
         check_installed()

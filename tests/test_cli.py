@@ -58,7 +58,7 @@ def _flat(text: str) -> str:
 
 
 def _plan_ids(out: str) -> list[tuple[str, str]]:
-    return re.findall(r"^\s+\d+\. (\S+)\s+(RUN|CACHED|SKIP)\s", out, re.M)
+    return re.findall(r"^\s+\d+\. (\S+)\s+(RUN|CACHED)\s", out, re.M)
 
 
 # -- help -----------------------------------------------------------------------------------------
@@ -131,7 +131,7 @@ def test_targets_lists_exporters_and_runtimes(capsys):
     assert "runtimes:" in lines
     exporters = lines[1:lines.index("runtimes:")]
     runtimes = lines[lines.index("runtimes:") + 1:]
-    from toolchain.registry import EXPORTERS, RUNTIMES
+    from toolchain.pipeline.registry import EXPORTERS, RUNTIMES
     assert [ln.split()[0] for ln in exporters] == EXPORTERS.names()
     assert [ln.split()[0] for ln in runtimes] == RUNTIMES.names()
     assert {"onnx", "torch", "onnxruntime"} <= set(EXPORTERS.names() + RUNTIMES.names())
@@ -256,8 +256,8 @@ def test_gate_summary_counts_bench_rows_and_export_reference_checks(tmp_path, ca
     that checked its own files (webllm's NumPy reference check), judged on the current table."""
     from types import SimpleNamespace
 
-    from toolchain.artifacts import ArtifactStore
-    from toolchain.cli import gate_summary
+    from toolchain.cli.run import gate_summary
+    from toolchain.pipeline.artifacts import ArtifactStore
 
     store = ArtifactStore(tmp_path)
     made = []

@@ -7,7 +7,7 @@ import re
 import typing
 from pathlib import Path
 
-from toolchain.recipe import Recipe
+from toolchain.pipeline.recipe import Recipe
 
 REPO = Path(__file__).resolve().parent.parent
 

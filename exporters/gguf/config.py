@@ -29,6 +29,12 @@ class GgufExportConfig:
     def precision(self) -> str:
         return self.quant
 
+    gate_key = precision
+
+    @classmethod
+    def gate_keys(cls) -> list[str]:
+        return list(QUANT_TYPES)
+
     @property
     def needs_imatrix(self) -> bool:
         return self.imatrix
@@ -50,5 +56,11 @@ class GgufLoraConfig:
     @property
     def precision(self) -> str:
         return self.base_type
+
+    gate_key = precision
+
+    @classmethod
+    def gate_keys(cls) -> list[str]:
+        return list(BASE_TYPES)
 
     needs_adapter = True

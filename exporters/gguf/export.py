@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from exporters.gguf.config import BASE_TYPES, GgufExportConfig
-from toolchain.errors import PreflightError
+from toolchain.core.errors import PreflightError
 
 
 def preflight(model_dir, options: dict | None = None) -> None:

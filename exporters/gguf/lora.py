@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import gguf
 import numpy as np
 
 from exporters.gguf.config import GgufLoraConfig
-from toolchain.errors import PreflightError
+from toolchain.core.errors import PreflightError
+from toolchain.core.files import atomic_path
 
 PEFT_PREFIX = "base_model.model."
 A_SUFFIX, B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
@@ -95,12 +95,11 @@ def write_adapter(base_dir: Path, adapter_dir: Path, out_path: Path, adapter_typ
             b = tb
         writer.add_tensor(entry.gguf_name + ".lora_a", np.ascontiguousarray(a.astype(dtype)))
         writer.add_tensor(entry.gguf_name + ".lora_b", np.ascontiguousarray(b.astype(dtype)))
-    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    writer.write_header_to_file(path=tmp)
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, out_path)
+    with atomic_path(out_path) as tmp:
+        writer.write_header_to_file(path=tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
     return {"tensors": 2 * len(pairs), "adapted_weights": len(pairs), "rank": rank,
             "alpha": effective_alpha(cfg, rank), "arch": pre.hparams.arch, "size": out_path.stat().st_size}
 

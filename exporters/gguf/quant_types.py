@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from toolchain.errors import PreflightError
+from toolchain.core.errors import PreflightError
 
 
 class Imatrix(str, Enum):

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import os
 import struct
 import time
 from pathlib import Path
@@ -27,7 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from exporters.gguf.quant_types import QuantType, get_quant_type
-from toolchain.errors import ModelSourceError, PreflightError, StageError
+from toolchain.core.errors import ModelSourceError, PreflightError, StageError
+from toolchain.core.files import atomic_path
 
 # llama.cpp's metadata keys for imatrix provenance (tools/quantize/quantize.cpp LLM_KV_QUANTIZE_*)
 KV_IMATRIX_FILE = "quantize.imatrix.file"
@@ -230,7 +230,7 @@ def quantize(src_gguf, dst_gguf, qtype: str | QuantType, imatrix_path=None, thre
 
     ``imatrix_path`` is an importance-matrix file (llama.cpp's GGUF format or legacy ``.dat``);
     ``imatrix`` may instead be the ``{name: (sum2, count)}`` mapping from
-    ``exporters.gguf.imatrix.compute_imatrix``. ``allow_requantize`` lets a source that is
+    ``toolchain.core.imatrix.compute_imatrix``. ``allow_requantize`` lets a source that is
     already quantised be re-quantised (its weights are dequantised first; quality is bounded by
     the source's). ``prune_layers`` lists decoder layers (``blk.N``) llama.cpp drops while
     quantising, renumbering the rest. Returns a summary dict (sizes, bits per weight, tensor types, imatrix use).
@@ -252,7 +252,7 @@ def quantize(src_gguf, dst_gguf, qtype: str | QuantType, imatrix_path=None, thre
 
     meta: dict = {}
     if imatrix_path is not None:
-        from exporters.gguf.imatrix import load_imatrix
+        from toolchain.core.imatrix import load_imatrix
         imatrix = load_imatrix(imatrix_path)
     if imatrix is not None:
         meta = dict(getattr(imatrix, "meta", {}) or {})
@@ -289,19 +289,14 @@ def quantize(src_gguf, dst_gguf, qtype: str | QuantType, imatrix_path=None, thre
         keep_alive += [arr, names, overrides, means]
 
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
     lc.llama_backend_init()
     t0 = time.perf_counter()
-    try:
+    with atomic_path(dst) as tmp:
         with _CapturedLog(lc, verbose) as log:
             rc = lc.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 or not tmp.is_file():
             raise StageError(f"llama.cpp could not quantise {src.name} to {q.name} (return code {rc}); "
                              "its last log lines:\n  " + "\n  ".join(log.tail()))
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     seconds = time.perf_counter() - t0
     del keep_alive
 

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import gguf
 
-from toolchain.errors import PreflightError
+from toolchain.core.errors import PreflightError
 
 from . import tables as tb
 

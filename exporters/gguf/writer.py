@@ -7,7 +7,6 @@ when whole.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -15,10 +14,18 @@ from types import ModuleType
 import gguf
 import numpy as np
 
-from toolchain.errors import PreflightError
+from toolchain.core.errors import PreflightError
+from toolchain.core.files import atomic_path
 
 from . import tables as tb
-from .families import Checkpoint, Hparams, check_gguf_names, family_for, plan_tensors, read_config
+from .families import (
+    Checkpoint,
+    Hparams,
+    check_gguf_names,
+    family_for,
+    plan_tensors,
+    read_config,
+)
 from .vocab import Vocab, read_vocab
 
 CAUSAL_LM_SUFFIXES = ("ForCausalLM", "ForConditionalGeneration")
@@ -102,27 +109,11 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, out_type: str = "F16
         writer.add_tensor_info(name, shape, np.dtype(np.float32), _nbytes(shape, qtype), raw_dtype=qtype)
 
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(f".{out_path.name}.{os.getpid()}.tmp")
-    try:
-        writer.write_header_to_file(path=tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for name, shape, qtype, source in plan:
-            if isinstance(source, np.ndarray):
-                array = source
-            else:
-                array = ckpt.load(source.hf_name)
-                if source.transform is not None:
-                    array = source.transform(array)
-            if tuple(array.shape) != tuple(shape):  # a transform bug, never user input
-                raise RuntimeError(f"{name}: produced shape {array.shape}, planned {shape}")
-            writer.write_tensor_data(_encode(array, qtype))
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(out_path) as tmp:
+        try:
+            _write_all(writer, tmp, plan, ckpt)
+        finally:
+            writer.close()
 
     warnings = list(hp.extra.get("warnings", [])) + list(vocab.warnings)
     counts: dict[str, int] = {}
@@ -135,3 +126,20 @@ def write_gguf(model_dir: str | Path, out_path: str | Path, out_type: str = "F16
         "pre_tokenizer": vocab.pre, "special_token_ids": dict(vocab.special_ids), "tokenizer": vocab.summary(),
         "skipped_tensors": skipped, "warnings": warnings,
     }
+
+
+def _write_all(writer, path: Path, plan, ckpt) -> None:
+    """Header, metadata, tensor infos, then every tensor's bytes, read and encoded one at a time."""
+    writer.write_header_to_file(path=path)
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for name, shape, qtype, source in plan:
+        if isinstance(source, np.ndarray):
+            array = source
+        else:
+            array = ckpt.load(source.hf_name)
+            if source.transform is not None:
+                array = source.transform(array)
+        if tuple(array.shape) != tuple(shape):  # a transform bug, never user input
+            raise RuntimeError(f"{name}: produced shape {array.shape}, planned {shape}")
+        writer.write_tensor_data(_encode(array, qtype))

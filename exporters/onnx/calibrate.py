@@ -3,7 +3,7 @@
 Static int8 quantises each linear layer's input with a fixed scale and zero point chosen before
 deployment (onnxruntime's MinMax calibration: the observed minimum and maximum), instead of
 computing them per call. The ranges are collected with forward hooks on the merged model in
-torch, run over the calibration batches (``toolchain.evaluate.calibration_sample``), and keyed by
+torch, run over the calibration batches (``toolchain.stages.calibrate.calibration_sample``), and keyed by
 the fused graph's linear names (``layers.{i}/attn/qkv``, ``layers.{i}/attn/o``,
 ``layers.{i}/mlp/gate_up``, ``layers.{i}/mlp/down``). Modules that feed the same fused linear
 (q/k/v, gate/up) see the same input.
@@ -86,7 +86,7 @@ def importance_from_imatrix(path: str | Path, spec: DecoderSpec) -> dict:
     imatrix file the ``imatrix`` stage writes), keyed by the fused graph's linear names."""
     import numpy as np
 
-    from exporters.gguf.imatrix import load_imatrix
+    from toolchain.core.imatrix import load_imatrix
 
     data = load_imatrix(path)
     out, missing = {}, []

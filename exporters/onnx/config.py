@@ -4,7 +4,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from onnx import TensorProto
 
 
 @dataclass(frozen=True)
@@ -13,23 +12,30 @@ class Precision:
 
     name: str
     weight_dtype: type  # numpy dtype of float weights (norms, embeddings; every linear when bits is None)
-    compute_elem_type: int  # ONNX element type of activations, logits and the KV cache
+    compute_dtype: type  # numpy dtype of activations, logits and the KV cache
     mask_value: float  # large finite negative used to mask attention (never -inf: NaN on empty rows)
     bits: int | None  # linear layers block-quantised to this many bits (MatMulNBits), or plain floats
     summary: str
 
+    @property
+    def compute_elem_type(self) -> int:
+        """The ONNX element type of ``compute_dtype`` (onnx is imported here, not when options are validated)."""
+        from onnx import helper
+
+        return helper.np_dtype_to_tensor_dtype(np.dtype(self.compute_dtype))
+
 
 PRECISIONS: dict[str, Precision] = {
-    "fp32": Precision("fp32", np.float32, TensorProto.FLOAT, float(np.finfo(np.float32).min), None,
+    "fp32": Precision("fp32", np.float32, np.float32, float(np.finfo(np.float32).min), None,
                       "float32 weights and activations: the reference export"),
-    "fp16": Precision("fp16", np.float16, TensorProto.FLOAT16, float(np.finfo(np.float16).min), None,
+    "fp16": Precision("fp16", np.float16, np.float16, float(np.finfo(np.float16).min), None,
                       "float16 weights, activations and KV cache (GPU / mobile NPU friendly, half the size)"),
-    "int8": Precision("int8", np.float32, TensorProto.FLOAT, float(np.finfo(np.float32).min), 8,
+    "int8": Precision("int8", np.float32, np.float32, float(np.finfo(np.float32).min), 8,
                       "int8 block-quantised linear layers; activations quantised to int8 at run time "
                       "(dynamic) or with calibrated ranges (static)"),
-    "int4": Precision("int4", np.float32, TensorProto.FLOAT, float(np.finfo(np.float32).min), 4,
+    "int4": Precision("int4", np.float32, np.float32, float(np.finfo(np.float32).min), 4,
                       "int4 block-quantised linear layers (MatMulNBits), float32 activations"),
-    "int4f16": Precision("int4f16", np.float16, TensorProto.FLOAT16, float(np.finfo(np.float16).min), 4,
+    "int4f16": Precision("int4f16", np.float16, np.float16, float(np.finfo(np.float16).min), 4,
                          "int4 block-quantised linear layers with float16 scales, activations and KV cache "
                          "(transformers.js q4f16: WebGPU with shader-f16)"),
 }
@@ -138,6 +144,17 @@ class OnnxExportConfig:
     @property
     def needs_imatrix(self) -> bool:
         return self.imatrix
+
+    @property
+    def gate_key(self) -> str:
+        """What its export is judged as (toolchain.quality.gates, via the exporter table's ``gates``): the
+        precision, except that int8 through MatMulInteger quantises activations per token, not per block."""
+        return "int8-integer" if self.precision == "int8" and self.int8_kernel == "integer" else self.precision
+
+    @classmethod
+    def gate_keys(cls) -> list[str]:
+        """Every gate key these options can produce."""
+        return [*PRECISIONS, "int8-integer"]
 
     @classmethod
     def coerce(cls, value: "OnnxExportConfig | dict | None") -> "OnnxExportConfig":

@@ -39,7 +39,7 @@ import json
 import numpy as np
 from onnx import TensorProto
 
-from toolchain.errors import PreflightError
+from toolchain.core.errors import PreflightError
 
 from .config import OnnxExportConfig
 from .families import DecoderSpec, DecoderWeights

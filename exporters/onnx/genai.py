@@ -36,7 +36,9 @@ from typing import Sequence
 import onnx
 from onnx import TensorProto
 
-from toolchain.errors import PreflightError, Problem
+from toolchain.core.errors import PreflightError, Problem
+from toolchain.core.files import write_text_atomic
+from toolchain.core.prompts import CHECK_CONVERSATIONS, CHECK_STRINGS
 
 GENAI_CONFIG, MODEL_FILE = "genai_config.json", "model.onnx"
 # copied into a separate genai folder when present (the first three are required)
@@ -57,18 +59,6 @@ GENAI_LLM_TYPES = frozenset({"chatglm", "decoder", "ernie4_5", "gemma", "gemma2"
 PROVIDERS = {"cpu": None, "cuda": "cuda", "dml": "dml", "webgpu": "webgpu"}
 # sampling values carried from generation_config.json, with transformers' defaults
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
-CHECK_STRINGS = (
-    "Hello, world!", "  leading and trailing spaces  ", "Tabs\tand\nnew\n\nlines\r\n",
-    "Numbers: 3.14159, 2024-01-05, 1,000,000 and 0x1F.", "Ünïcödé àccents, 日本語のテキスト, emoji 🤖🚀",
-    "def f(x):\n    return x ** 2  # code", "I'm sure they'll say we've won't", "",
-)
-CHECK_CONVERSATIONS = (
-    [{"role": "user", "content": "What is the capital of France?"}],
-    [{"role": "system", "content": "You are a helpful assistant."},
-     {"role": "user", "content": "Convert 5 January 2024 to ISO format."}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
-     {"role": "user", "content": "Tell me a joke."}],
-)
 
 
 def _refuse(where: str, rule: str, value, fix: str) -> PreflightError:
@@ -312,9 +302,7 @@ def write_genai_folder(onnx_dir: str | Path, out_dir: str | Path | None = None, 
             raise _refuse(str(folder / "manifest.json"), "a finished artifact must not change after its manifest "
                           "is written", "an in-place genai write", "pass out_dir, or call write_genai_folder "
                           "inside the export stage before its manifest is written")
-        tmp_file = folder / f".{GENAI_CONFIG}.tmp-{os.getpid()}"
-        tmp_file.write_text(text)
-        os.replace(tmp_file, folder / GENAI_CONFIG)
+        write_text_atomic(folder / GENAI_CONFIG, text)
         files = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
         check = _tokenizer_check(folder, check_tokenizer)
     else:

@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 
 from exporters import place_bundle
-from toolchain.errors import PreflightError
+from toolchain.core.errors import PreflightError
 
 from .config import DTYPES, WebgpuExportConfig
 
@@ -109,6 +109,7 @@ def export(model_dir: str | Path, out_dir: str | Path, config=None, imatrix: str
         (tmp / "README.txt").write_text(README.format(model_id=cfg.model_id, webgpu=", ".join(device_dtypes["webgpu"]),
                                                       wasm=", ".join(device_dtypes["wasm"])))
         bundle = {"model_id": cfg.model_id, "dtypes": device_dtypes, "max_new_tokens": cfg.max_new_tokens,
+                  "precisions": {d: DTYPES[d].precision for d in cfg.dtypes},
                   "eos_token_id": model_info["eos_token_id"], "versions": page["versions"],
                   "files": {d: f"models/{cfg.model_id}/onnx/{p['file']}" for d, p in placed.items()}}
         place_bundle(tmp, out_dir, bundle, BUNDLE_FILE)

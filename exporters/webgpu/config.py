@@ -153,6 +153,15 @@ class WebgpuExportConfig:
     def needs_calibration(self) -> bool:
         return False
 
+    @property
+    def gate_key(self) -> str:
+        """The precision of the dtype native onnxruntime is compared on; a browser row reports its own."""
+        return DTYPES[self.primary].precision
+
+    @classmethod
+    def gate_keys(cls) -> list[str]:
+        return sorted({d.precision for d in DTYPES.values()})
+
     @classmethod
     def coerce(cls, value: "WebgpuExportConfig | dict | None") -> "WebgpuExportConfig":
         """Accept a config, a plain dict from a recipe, or None (defaults)."""

@@ -1,7 +1,7 @@
 """The page and the runtime files a bundle carries, taken from edgesmith's web assets.
 
 Everything the page loads ships inside the bundle: ``page/*`` (index.html, app.js) of the assets
-folder (``toolchain.webassets``: the repository's web/, installed as package data) and the files
+folder (``toolchain.core.webassets``: the repository's web/, installed as package data) and the files
 ``vendor-files.json`` lists, copied from the npm packages its lock file pins (``edgesmith setup
 web``; in a clone also ``cd web && npm run setup``). transformers.min.js embeds the onnxruntime-web JavaScript; the
 wasm binary and its .mjs glue it loads at run time must be the exact onnxruntime-web version
@@ -13,8 +13,8 @@ import json
 import shutil
 from pathlib import Path
 
-from toolchain.errors import PreflightError
-from toolchain.webassets import SETUP_WEB, assets_dir, node_modules_dir
+from toolchain.core.errors import PreflightError
+from toolchain.core.webassets import SETUP_WEB, assets_dir, node_modules_dir
 
 SOURCES = {  # vendor-files.json key -> folder inside node_modules
     "transformers": "@huggingface/transformers/dist",

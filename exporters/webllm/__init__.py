@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from exporters import place_bundle
-from toolchain.errors import PreflightError
+from toolchain.core.errors import PreflightError
 
 from .config import F16_QUANTS, WebllmExportConfig
 
@@ -116,8 +116,8 @@ def _reference_check(model_dir: Path, weights_dir: Path, model_type: str, model_
     """The NumPy forward over the written MLC files against the merged model (shared gates table)."""
     import numpy as np
 
-    from runtimes.base import log_softmax, quality_against
-    from toolchain.gates import verdict
+    from toolchain.core.metrics import log_softmax, quality_against
+    from toolchain.quality.gates import verdict
 
     from .reference import reference_logits
 
@@ -135,7 +135,7 @@ def _torch_reference(model_dir: Path, tokens: int) -> tuple[list[int], "object"]
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from toolchain.prompts import QUALITY_TEXT
+    from toolchain.core.prompts import QUALITY_TEXT
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     ids = tok(QUALITY_TEXT)["input_ids"][:tokens]

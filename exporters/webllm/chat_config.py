@@ -9,11 +9,11 @@ defaults; tokenizer files are copied next to it and listed in ``tokenizer_files`
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 
-from toolchain.errors import PreflightError
+from toolchain.core.errors import PreflightError
+from toolchain.core.files import write_bytes_atomic
 
 from .conv_template import PLACEHOLDER, derive_conv_template
 
@@ -47,18 +47,6 @@ CONV_DEFAULTS = {"name": None, "system_prefix_token_ids": None, "add_role_after_
 CONV_ORDER = ("name", "system_template", "system_message", "system_prefix_token_ids", "add_role_after_system_message",
               "roles", "role_templates", "messages", "seps", "role_content_sep", "role_empty_sep", "stop_str",
               "stop_token_ids", "function_string", "use_function_calling")
-
-
-def _atomic_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_json(path: Path) -> dict:
@@ -132,7 +120,7 @@ def _copy_tokenizer(model_dir: Path, out_dir: Path) -> list[str]:
     for name in TOKENIZER_FILES:
         src = model_dir / name
         if src.exists():
-            _atomic_bytes(out_dir / name, src.read_bytes())
+            write_bytes_atomic(out_dir / name, src.read_bytes())
             files.append(name)
     if "tokenizer.json" not in files and "tokenizer.model" in files:
         # like mlc-llm: prefer JSON, converted with transformers' fast tokenizer
@@ -141,7 +129,7 @@ def _copy_tokenizer(model_dir: Path, out_dir: Path) -> list[str]:
         fast = AutoTokenizer.from_pretrained(str(model_dir), use_fast=True)
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             fast.backend_tokenizer.save(str(Path(tmp) / "tokenizer.json"))
-            _atomic_bytes(out_dir / "tokenizer.json", (Path(tmp) / "tokenizer.json").read_bytes())
+            write_bytes_atomic(out_dir / "tokenizer.json", (Path(tmp) / "tokenizer.json").read_bytes())
         files.append("tokenizer.json")
     if "tokenizer.json" not in files:
         raise PreflightError(f"{model_dir}: no tokenizer.json or tokenizer.model; WebLLM needs one of them (fix: save "
@@ -218,5 +206,5 @@ def write_chat_config(model_dir: Path, out_dir: Path, *, model_type: str, quant:
         "conv_template": conv,
         **{key: settings[key] for key in TOKEN_ID_FIELDS},
     }
-    _atomic_bytes(out_dir / CHAT_CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
+    write_bytes_atomic(out_dir / CHAT_CONFIG_FILE, (json.dumps(config, indent=2) + "\n").encode("utf-8"))
     return config

@@ -121,6 +121,15 @@ class WebllmExportConfig:
     def needs_calibration(self) -> bool:
         return False
 
+    @property
+    def gate_key(self) -> str:
+        return self.primary
+
+    @classmethod
+    def gate_keys(cls) -> list[str]:
+        """Each quantisation is checked (and gated) on its own files."""
+        return list(QUANT_NAMES)
+
     @classmethod
     def coerce(cls, value: "WebllmExportConfig | dict | None") -> "WebllmExportConfig":
         from exporters import coerce_options

@@ -24,7 +24,7 @@ import json
 import logging
 from pathlib import Path
 
-from toolchain.errors import PreflightError
+from toolchain.core.errors import PreflightError
 
 log = logging.getLogger(__name__)
 

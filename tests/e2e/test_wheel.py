@@ -32,7 +32,7 @@ def sh(cmd: list[str], timeout: int = 1800, **kw) -> subprocess.CompletedProcess
 def test_a_wheel_install_runs_a_recipe_outside_the_checkout(tmp_path_factory, tiny_model_dir):
     pytest.importorskip("llama_cpp")  # its cached wheel is what the venv installs
     browser_tools_or_skip()
-    from toolchain.setup import wheel_cache
+    from toolchain.cli.setup import wheel_cache
 
     if not list(wheel_cache().glob("llama_cpp_python-*.whl")):
         pytest.skip(f"no cached llama-cpp-python wheel in {wheel_cache()} (fix: edgesmith setup llama-cpp)")
@@ -51,7 +51,7 @@ def test_a_wheel_install_runs_a_recipe_outside_the_checkout(tmp_path_factory, ti
     sh([edgesmith, "setup", "llama-cpp"], env=env)
 
     # the assets are the wheel's, and doctor names the one command that installs the npm packages
-    where = sh([py, "-c", "from toolchain.webassets import assets_dir; print(assets_dir())"], env=env, cwd=work)
+    where = sh([py, "-c", "from toolchain.core.webassets import assets_dir; print(assets_dir())"], env=env, cwd=work)
     assert Path(where.stdout.strip()).is_relative_to(venv), where.stdout
     doctor = subprocess.run([edgesmith, "doctor"], capture_output=True, text=True, env=env, cwd=work)
     assert "fix: edgesmith setup web" in doctor.stdout, doctor.stdout

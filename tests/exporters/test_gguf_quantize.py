@@ -19,33 +19,17 @@ import numpy as np
 import pytest
 
 from exporters.gguf.quant_types import GGML_BLOCKS, QUANT_TYPES, get_quant_type
-from toolchain.errors import PreflightError
+from tests.tolerances import (
+    GGUF_FILE_BPW,
+    GGUF_IMATRIX_KL_RATIO,
+    GGUF_LAYER_BPW_RATIO,
+    GGUF_QUANT_KL_SANITY,
+    IMATRIX_ROUNDTRIP,
+    IMATRIX_VS_LLAMA_CPP,
+)
+from toolchain.core.errors import PreflightError
 
 REPO = Path(__file__).resolve().parents[2]
-TOLERANCES = {
-    # bits per weight of the decoder layers' matrices on disk / nominal bits of the main type.
-    # Exactly 1.0 for the uniform 32-block types. Above 1 elsewhere: SmolLM2's hidden size 576 is
-    # no multiple of 256, so 256-block tensors fall back (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0,
-    # IQ4_XS -> IQ4_NL, Q2_K/Q3_K -> Q4_0), and "_M" mixes give some tensors more bits. Measured:
-    # Q6_K 1.22, Q5_K_M 1.10, Q4_K_M 1.23, IQ4_XS 1.04, Q3_K_M 1.35, Q2_K 1.61.
-    "layer_bpw_ratio_min": 0.99,
-    "layer_bpw_ratio_max": {"default": 1.3, "Q3_K_M": 1.45, "Q2_K": 1.75},
-    # whole-file bits per weight of the full embedded model (token_embd, 21% of the weights and
-    # tied to the output, gets Q8_0/Q6_K): measured Q4_K_M 6.27, IQ4_XS 5.43.
-    "file_bpw_max": {"Q4_K_M": 6.6, "IQ4_XS": 5.8},
-    # KL(float || quantised) with the imatrix may exceed the one without by this factor before the
-    # test fails: on a 135M model over ~500 held-out tokens run-to-run noise is nil (deterministic),
-    # but a 2k-token calibration can be neutral on a given text; a real regression is far larger.
-    "kl_imatrix_max_ratio": 1.05,
-    # sanity bounds on KL so a broken comparison (wrong tokens, unnormalised logits) cannot pass.
-    "kl_max": {"Q4_K_M": 0.2, "IQ4_XS": 0.2},
-    # float32 rounding between the computed imatrix and the one read back from its file.
-    "imatrix_roundtrip_rtol": 1e-6,
-    # torch's Linear inputs vs llama.cpp's own MUL_MAT inputs (fp32 both, different kernels and
-    # summation order through 30 layers): max |difference| / the entry's largest mean x^2.
-    # Measured 7e-4 worst (attn_output), median 4e-5.
-    "imatrix_vs_llama_cpp_rel": 5e-3,
-}
 THREADS = 2
 CALIB_CHUNK = 256
 PROSE_CALIB = (
@@ -130,13 +114,13 @@ def tokens(f32_gguf, dates_rows) -> dict:
 @pytest.fixture(scope="module")
 def hf_model(embedded_gguf):
     """The same weights in transformers (dequantised from the Q4_1 GGUF), loaded once."""
-    from exporters.gguf.imatrix import _load_model
+    from toolchain.core.imatrix import _load_model
     return _load_model(embedded_gguf)
 
 
 @pytest.fixture(scope="module")
 def imatrix_file(work, hf_model, tokens) -> Path:
-    from exporters.gguf.imatrix import chunk_tokens, compute_imatrix, save_imatrix
+    from toolchain.core.imatrix import chunk_tokens, compute_imatrix, save_imatrix
     chunks = chunk_tokens(tokens["calib"], CALIB_CHUNK)
     assert len(chunks) * CALIB_CHUNK >= 2000, "calibration text shorter than ~2k tokens"
     data = compute_imatrix(hf_model, chunks, family="llama", datasets=["dates.jsonl+prose"])
@@ -220,8 +204,8 @@ def test_every_type_quantises_and_loads(name, work, small_f32, tokens):
         assert info["n_params"] == gguf_summary(small_f32)["n_params"]
         assert not [p for p in work.iterdir() if p.name.startswith(f".{out.name}.tmp")]
     ratio = info["layer_bits_per_weight"] / q.bits_per_weight
-    hi = TOLERANCES["layer_bpw_ratio_max"].get(name, TOLERANCES["layer_bpw_ratio_max"]["default"])
-    assert TOLERANCES["layer_bpw_ratio_min"] <= ratio <= hi, (name, ratio, info["tensor_types"])
+    bounds = GGUF_LAYER_BPW_RATIO.get(name, GGUF_LAYER_BPW_RATIO["default"])
+    assert bounds.lo <= ratio <= bounds.hi, (name, ratio, info["tensor_types"])
     ids = tokens["heldout"][:16]
     llm = Llama(str(out), n_ctx=64, logits_all=True, n_threads=THREADS, verbose=False)
     llm.eval(ids)
@@ -233,8 +217,8 @@ def test_every_type_quantises_and_loads(name, work, small_f32, tokens):
 
 
 def test_imatrix_names_and_shapes_match_the_gguf(imatrix_file, f32_gguf):
-    from exporters.gguf.imatrix import load_imatrix
     from exporters.gguf.quantize import read_gguf_header
+    from toolchain.core.imatrix import load_imatrix
     data = load_imatrix(imatrix_file)
     cols = {name: dims[0] for name, dims, _type, _off in read_gguf_header(f32_gguf)[1] if len(dims) == 2}
     blk = {n for n in cols if n.startswith("blk.")}
@@ -245,19 +229,19 @@ def test_imatrix_names_and_shapes_match_the_gguf(imatrix_file, f32_gguf):
 
 
 def test_imatrix_file_roundtrip_and_legacy_format(tmp_path, imatrix_file):
-    from exporters.gguf.imatrix import load_imatrix, save_imatrix
     from exporters.gguf.quantize import imatrix_means
+    from toolchain.core.imatrix import load_imatrix, save_imatrix
     data = load_imatrix(imatrix_file)
     legacy = load_imatrix(save_imatrix(data, tmp_path / "imatrix.dat"))
     a, b = imatrix_means(data), imatrix_means(legacy)
     assert set(a) == set(b)
     for k in a:
-        np.testing.assert_allclose(b[k], a[k], rtol=TOLERANCES["imatrix_roundtrip_rtol"])
+        np.testing.assert_allclose(b[k], a[k], rtol=IMATRIX_ROUNDTRIP.rtol)
 
 
 def test_imatrix_for_another_model_is_refused(tmp_path, small_f32, imatrix_file):
-    from exporters.gguf.imatrix import ImatrixData, load_imatrix
     from exporters.gguf.quantize import quantize
+    from toolchain.core.imatrix import ImatrixData, load_imatrix
     data = load_imatrix(imatrix_file)
     small = ImatrixData({k: v for k, v in data.items() if k.startswith(("blk.0.", "blk.1."))}, meta=data.meta)
     info = quantize(small_f32, tmp_path / "ok.gguf", "Q4_0", imatrix=small, threads=THREADS)
@@ -273,8 +257,8 @@ def test_imatrix_for_another_model_is_refused(tmp_path, small_f32, imatrix_file)
 def test_imatrix_from_file_or_memory_gives_the_same_tensors(work, f32_gguf, imatrix_file):
     """The file round trip hands llama.cpp the same numbers as the in-memory mapping (Q4_0: fast,
     and its codec weighs rounding errors by the imatrix)."""
-    from exporters.gguf.imatrix import load_imatrix
     from exporters.gguf.quantize import quantize, read_gguf_header
+    from toolchain.core.imatrix import load_imatrix
     from_file, in_memory, plain = work / "Q4_0-imf.gguf", work / "Q4_0-imm.gguf", work / "Q4_0-plain.gguf"
     quantize(f32_gguf, from_file, "Q4_0", imatrix_path=imatrix_file, threads=THREADS)
     quantize(f32_gguf, in_memory, "Q4_0", imatrix=load_imatrix(imatrix_file), threads=THREADS)
@@ -346,7 +330,7 @@ def llama_cpp_imatrix(gguf_path: Path, ids: list[int]) -> dict:
 
 def test_imatrix_matches_llama_cpp_activations(f32_gguf, hf_model, tokens):
     """The torch hooks see the same inputs, under the same names, as llama.cpp's matrix products."""
-    from exporters.gguf.imatrix import compute_imatrix
+    from toolchain.core.imatrix import compute_imatrix
     ids = tokens["calib"][:128]
     ours = compute_imatrix(hf_model, [ids])
     theirs = llama_cpp_imatrix(f32_gguf, ids)
@@ -357,12 +341,12 @@ def test_imatrix_matches_llama_cpp_activations(f32_gguf, hf_model, tokens):
         assert count == ref_count == len(ids), name
         a, b = sum2 / count, ref_sum2 / ref_count
         worst = max(worst, float(np.abs(a - b).max() / b.max()))
-    assert worst <= TOLERANCES["imatrix_vs_llama_cpp_rel"], worst
+    assert worst <= IMATRIX_VS_LLAMA_CPP.hi, worst
 
 
 def test_imatrix_family_table_and_hf_dir(tiny_model_dir):
-    from exporters.gguf.imatrix import compute_imatrix, gguf_name
-    from toolchain.errors import StageError
+    from toolchain.core.errors import StageError
+    from toolchain.core.imatrix import compute_imatrix, gguf_name
     data = compute_imatrix(tiny_model_dir, [list(range(3, 23)), list(range(5, 9))])
     roles = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
     assert set(data) == {f"blk.{i}.{r}.weight" for i in range(2) for r in roles}
@@ -380,8 +364,8 @@ def test_imatrix_family_table_and_hf_dir(tiny_model_dir):
 
 @pytest.mark.parametrize("name", ["Q4_K_M", pytest.param("IQ4_XS", marks=pytest.mark.slow)])
 def test_imatrix_changes_output_and_does_not_hurt_kl(name, work, f32_gguf, imatrix_file, tokens, ref_logprobs):
-    from exporters.gguf.imatrix import load_imatrix
     from exporters.gguf.quantize import quantize, read_gguf_header
+    from toolchain.core.imatrix import load_imatrix
     plain = work / f"{name}.gguf"
     quantize(f32_gguf, plain, name, threads=THREADS)
     with_im = work / f"{name}-imatrix.gguf"
@@ -398,6 +382,6 @@ def test_imatrix_changes_output_and_does_not_hurt_kl(name, work, f32_gguf, imatr
     figures = {"type": name, "kl_plain": kl_plain, "kl_imatrix": kl_im, "top1_plain": top1_plain,
                "top1_imatrix": top1_im, "bytes_plain": plain.stat().st_size, "bytes_imatrix": with_im.stat().st_size}
     (work / f"kl-{name}.json").write_text(json.dumps(figures, indent=1))
-    assert info["bits_per_weight"] <= TOLERANCES["file_bpw_max"][name], info
-    assert 0 < kl_plain < TOLERANCES["kl_max"][name], figures
-    assert kl_im <= kl_plain * TOLERANCES["kl_imatrix_max_ratio"], figures
+    assert info["bits_per_weight"] <= GGUF_FILE_BPW[name].hi, info
+    assert 0 < kl_plain < GGUF_QUANT_KL_SANITY.kl, figures
+    assert kl_im <= kl_plain * GGUF_IMATRIX_KL_RATIO.hi, figures

@@ -25,27 +25,18 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from exporters.gguf import SUPPORTED_ARCHITECTURES, preflight, write_gguf  # noqa: E402
 from exporters.gguf.families import TensorMismatchError  # noqa: E402
-from toolchain.errors import PreflightError  # noqa: E402
+from tests.tolerances import (  # noqa: E402
+    GGUF_ARGMAX_MARGIN,
+    GGUF_EMBEDDED_F16,
+    GGUF_EMBEDDED_F32,
+    GGUF_F32_LOGITS,
+    GGUF_F32_LOGITS_BY_FAMILY,
+    GGUF_HALF_LOGITS,
+)
+from toolchain.core.errors import PreflightError  # noqa: E402
 
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llama_cpp = pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python is not installed")
-
-TOLERANCES = {
-    # F32 weights and an F32 KV cache on both sides: only summation order differs. Tiny-model
-    # logits are O(0.5-1); measured 2.1e-7..2.4e-7 (with llama.cpp's default F16 KV cache, 1.8e-4).
-    "logits_atol_f32": 1e-5,
-    # Gemma3's GELU: ggml evaluates the tanh approximation through an F16 lookup table, so the
-    # MLP carries F16 rounding; measured 2.2e-4 (text model and the multimodal model's text tower).
-    "logits_atol_f32_gemma3": 1e-3,
-    "logits_atol_f32_gemma3_mm": 1e-3,
-    # F16/BF16 weights (llama family) with llama.cpp's default F16 KV cache: every weight rounded;
-    # measured 5.1e-4 (F16), 3.4e-3 (BF16, 8 bits of mantissa).
-    "logits_atol_f16": 5e-3,
-    "logits_atol_bf16": 2e-2,
-    # argmax must agree wherever transformers' top-2 margin exceeds this many times the atol
-    # (random tiny models have near-ties; gemma3_mm has a 9e-5 margin at one position).
-    "argmax_margin_factor": 2.0,
-}
 
 # ASCII, whitespace runs, digits, unicode, emoji, code; special tokens are added per family
 STRINGS = [
@@ -138,7 +129,15 @@ def spm_tokenizer(out, *, prefix_space: bool, specials: list[str], template: str
     every piece into two pieces, ordered by the piece's rank, so the Hugging Face BPE and
     llama.cpp's score-ordered SentencePiece merging agree.
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     trained = Tokenizer(models.BPE())
     trained.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always" if prefix_space else "never")
@@ -475,10 +474,10 @@ def test_llama_cpp_logits_match_transformers_f32(exported):
     with torch.no_grad():
         want = hf_model(model_dir)(torch.tensor([ids])).logits[0].numpy()
     got = llama_logits(path, ids, f32_cache=True)
-    atol = TOLERANCES.get(f"logits_atol_f32_{family}", TOLERANCES["logits_atol_f32"])
+    atol = GGUF_F32_LOGITS_BY_FAMILY.get(family, GGUF_F32_LOGITS).atol
     assert np.abs(got - want).max() <= atol, f"max |diff| {np.abs(got - want).max():.2e}"
     top2 = np.sort(want, axis=-1)[:, -2:]
-    clear = top2[:, 1] - top2[:, 0] > TOLERANCES["argmax_margin_factor"] * atol
+    clear = top2[:, 1] - top2[:, 0] > GGUF_ARGMAX_MARGIN.lo * atol
     assert (got.argmax(-1) == want.argmax(-1))[clear].all()
 
 
@@ -518,7 +517,7 @@ def test_llama_cpp_rope_scaling(variant, tmp_path_factory, tmp_path):
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
     got = llama_logits(tmp_path / "m.gguf", ids, f32_cache=True)
-    assert np.abs(got - want).max() <= TOLERANCES["logits_atol_f32"], f"max |diff| {np.abs(got - want).max():.2e}"
+    assert np.abs(got - want).max() <= GGUF_F32_LOGITS.atol, f"max |diff| {np.abs(got - want).max():.2e}"
 
 
 @needs_llama_cpp
@@ -530,7 +529,7 @@ def test_llama_cpp_half_precision_close(llama_export, tmp_path, out_type):
     with torch.no_grad():
         want = hf_model(model_dir)(torch.tensor([ids])).logits[0].numpy()
     got = llama_logits(tmp_path / "m.gguf", ids)
-    assert np.abs(got - want).max() <= TOLERANCES[f"logits_atol_{out_type.lower()}"]
+    assert np.abs(got - want).max() <= GGUF_HALF_LOGITS[out_type].atol
 
 
 # --- the embedded model ----------------------------------------------------------------------------
@@ -539,12 +538,6 @@ EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_TEXT = ("The lighthouse keeper climbed the spiral stairs every evening at dusk. From the top he could see "
                  "the fishing boats returning to the harbour, their lamps swaying with the waves, while gulls "
                  "circled above the cliffs and the wind carried the smell of salt and seaweed across the town.")
-EMBEDDED_TOLERANCES = {
-    # 30 layers, logits O(10-20), F32 weights and F32 KV cache: summation order only; measured 5.9e-5.
-    "f32_logits_atol": 1e-3,
-    # F16 weights and llama.cpp's default F16 KV cache; measured 0.087 max |diff|, top-1 1.0.
-    "f16_top1_agreement": 0.98,
-}
 
 
 @pytest.mark.slow
@@ -571,13 +564,13 @@ def test_embedded_model_through_llama_cpp(tmp_path):
         ref = model(torch.tensor([ids])).logits[0].numpy()
     got = llama_logits(tmp_path / "f32.gguf", ids, f32_cache=True)
     print(f"embedded F32: max |logit diff| {np.abs(got - ref).max():.3g}")
-    assert np.abs(got - ref).max() <= EMBEDDED_TOLERANCES["f32_logits_atol"]
+    assert np.abs(got - ref).max() <= GGUF_EMBEDDED_F32.atol
 
     write_gguf(tmp_path / "hf", tmp_path / "f16.gguf", "F16")
     got16 = llama_logits(tmp_path / "f16.gguf", ids)
     top1 = float((got16.argmax(-1) == ref.argmax(-1)).mean())
     print(f"embedded F16: max |logit diff| {np.abs(got16 - ref).max():.3g}, top-1 agreement {top1}")
-    assert top1 >= EMBEDDED_TOLERANCES["f16_top1_agreement"]
+    assert top1 >= GGUF_EMBEDDED_F16.top1
 
     chat = tok.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}],
                                    add_generation_prompt=True, tokenize=False)

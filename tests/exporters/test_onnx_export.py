@@ -18,32 +18,17 @@ ort = pytest.importorskip("onnxruntime")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
 
-from exporters.onnx import OnnxExportConfig, export, preflight  # noqa: E402
 from exporters.hf import TensorMismatchError  # noqa: E402
+from exporters.onnx import OnnxExportConfig, export, preflight  # noqa: E402
 from exporters.onnx.families import gemma3, qwen2  # noqa: E402
 from exporters.onnx.families.llama import read_rope  # noqa: E402
 from runtimes.onnxruntime_runtime import OnnxRuntime  # noqa: E402
-from toolchain.errors import PreflightError  # noqa: E402
-
-TOLERANCES = {
-    # fp32 on both sides; only summation order differs (MatMul blocking, softmax, the query
-    # pre-scaled by the attention scale, GroupQueryAttention's own kernel in the fused graph).
-    # Tiny-model logits are O(1); measured 2e-6 (llama, qwen2, gemma3, both graphs) to 5e-6
-    # (phi3, hidden 128), while a rope_theta of 10000 instead of 100000 moves them by ~0.7 and
-    # Gemma3's attention scale taken as 1/sqrt(head_dim) by ~0.5.
-    "tiny_logits_atol": 1e-4,
-    # same math split into prefill + one-token decodes over the cache; measured ~2e-6.
-    "tiny_decode_atol": 1e-4,
-    # the embedded model: 30 layers, logits O(10); fp32 rounding grows with depth; measured 7.4e-5.
-    # A wrong rope_theta (10000 vs 100000) drops top-1 agreement to 0.955 (DESIGN.md).
-    "embedded_logits_atol": 5e-3,
-    # every position's argmax must agree with transformers on the embedded model.
-    "embedded_top1_agreement": 1.0,
-}
+from tests.tolerances import ONNX_FP32_DECODE, ONNX_FP32_EMBEDDED, ONNX_FP32_LOGITS  # noqa: E402
+from toolchain.core.errors import PreflightError  # noqa: E402
 
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=256, max_position_embeddings=128,
-            rope_theta=100000.0,  # not the 10000 default: catches exporters that lose it (DESIGN.md)
+            rope_theta=100000.0,  # not the 10000 default: catches exporters that lose it (docs/architecture.md, facts)
             initializer_range=0.1)  # larger than default so greedy argmax has clear margins
 # Gemma3: a window (5) shorter than the test sequence on the sliding layer, its own rope theta
 # there, linear rope scaling on the full layer, an attention scale (query_pre_attn_scalar 24)
@@ -184,7 +169,7 @@ def test_full_sequence_logits_match_transformers(exported):
     model, out, _, _ = exported
     ids = random_ids(SEQ_LEN)[None, :]
     logits, *presents = run_graph(out, ids, np.ones_like(ids))
-    np.testing.assert_allclose(logits, hf_logits(model, ids), atol=TOLERANCES["tiny_logits_atol"], rtol=0)
+    np.testing.assert_allclose(logits, hf_logits(model, ids), atol=ONNX_FP32_LOGITS.atol, rtol=0)
     assert presents[0].shape[:3] == (1, 2, SEQ_LEN)
 
 
@@ -200,8 +185,8 @@ def test_left_padded_batch_matches_transformers(exported):
     logits = run_graph(out, ids, mask, positions)[0]
     assert np.isfinite(logits).all(), "fully masked (padding) rows must not produce NaN"
     ref = hf_logits(model, ids, mask, positions)
-    np.testing.assert_allclose(logits[0], ref[0], atol=TOLERANCES["tiny_logits_atol"], rtol=0)
-    np.testing.assert_allclose(logits[1, pad:], ref[1, pad:], atol=TOLERANCES["tiny_logits_atol"], rtol=0)
+    np.testing.assert_allclose(logits[0], ref[0], atol=ONNX_FP32_LOGITS.atol, rtol=0)
+    np.testing.assert_allclose(logits[1, pad:], ref[1, pad:], atol=ONNX_FP32_LOGITS.atol, rtol=0)
 
 
 def test_right_padded_batch_matches_transformers(exported):
@@ -212,8 +197,8 @@ def test_right_padded_batch_matches_transformers(exported):
     mask[1, real:] = 0
     logits = run_graph(out, ids, mask)[0]
     ref = hf_logits(model, ids, mask)
-    np.testing.assert_allclose(logits[0], ref[0], atol=TOLERANCES["tiny_logits_atol"], rtol=0)
-    np.testing.assert_allclose(logits[1, :real], ref[1, :real], atol=TOLERANCES["tiny_logits_atol"], rtol=0)
+    np.testing.assert_allclose(logits[0], ref[0], atol=ONNX_FP32_LOGITS.atol, rtol=0)
+    np.testing.assert_allclose(logits[1, :real], ref[1, :real], atol=ONNX_FP32_LOGITS.atol, rtol=0)
 
 
 def test_prefill_then_decode_matches_transformers_at_each_step(exported):
@@ -224,13 +209,13 @@ def test_prefill_then_decode_matches_transformers_at_each_step(exported):
     runtime.load()
     logits, state = runtime.prefill(ids[:PROMPT_LEN], all_logits=True)
     assert logits.dtype == np.float32 and logits.shape == (PROMPT_LEN, TINY["vocab_size"])
-    np.testing.assert_allclose(logits, ref[:PROMPT_LEN], atol=TOLERANCES["tiny_decode_atol"], rtol=0)
+    np.testing.assert_allclose(logits, ref[:PROMPT_LEN], atol=ONNX_FP32_DECODE.atol, rtol=0)
     last, _ = runtime.prefill(ids[:PROMPT_LEN])
     assert last.shape == (1, TINY["vocab_size"])
     for t in range(PROMPT_LEN, SEQ_LEN):
         step, state = runtime.decode(state, int(ids[t]))
         assert step.shape == (1, TINY["vocab_size"]) and state.length == t + 1
-        np.testing.assert_allclose(step[0], ref[t], atol=TOLERANCES["tiny_decode_atol"], rtol=0,
+        np.testing.assert_allclose(step[0], ref[t], atol=ONNX_FP32_DECODE.atol, rtol=0,
                                    err_msg=f"decode step at position {t}")
 
 
@@ -257,7 +242,7 @@ def test_sharded_bf16_checkpoint_and_opset_18(tmp_path):
     reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     ids = random_ids(SEQ_LEN)[None, :]
     logits = run_graph(tmp_path / "onnx", ids, np.ones_like(ids), np.arange(SEQ_LEN)[None, :])[0]
-    np.testing.assert_allclose(logits, hf_logits(reference, ids), atol=TOLERANCES["tiny_logits_atol"], rtol=0)
+    np.testing.assert_allclose(logits, hf_logits(reference, ids), atol=ONNX_FP32_LOGITS.atol, rtol=0)
 
 
 def test_missing_and_extra_tensors_are_reported_separately(tmp_path):
@@ -405,8 +390,8 @@ def test_embedded_model_fp32_parity(tmp_path):
     max_diff = float(np.abs(got - ref).max())
     top1 = float((got.argmax(-1) == ref.argmax(-1)).mean())
     print(f"embedded model: {len(ids)} positions, max |logit diff| {max_diff:.3g}, top-1 agreement {top1}")
-    assert top1 >= TOLERANCES["embedded_top1_agreement"]
-    assert max_diff <= TOLERANCES["embedded_logits_atol"]
+    assert top1 >= ONNX_FP32_EMBEDDED.top1
+    assert max_diff <= ONNX_FP32_EMBEDDED.atol
 
     chat = tokenizer.apply_chat_template([{"role": "user", "content": "Write a short poem about the sea."}],
                                          add_generation_prompt=True, tokenize=False)

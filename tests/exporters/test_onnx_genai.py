@@ -20,23 +20,17 @@ og = pytest.importorskip("onnxruntime_genai")
 pytest.importorskip("onnxruntime")
 
 from exporters.onnx import export  # noqa: E402
-from exporters.onnx.genai import GENAI_CONFIG, build_genai_config, check_genai_tokenizer, write_genai_folder  # noqa: E402
+from exporters.onnx.genai import (  # noqa: E402
+    GENAI_CONFIG,
+    build_genai_config,
+    check_genai_tokenizer,
+    write_genai_folder,
+)
 from runtimes.onnxruntime_genai_runtime import OnnxGenaiRuntime  # noqa: E402
 from runtimes.onnxruntime_runtime import OnnxRuntime  # noqa: E402
-from toolchain.errors import PreflightError  # noqa: E402
+from tests.tolerances import GENAI_INCREMENTAL_LOGITS, SAME_GRAPH_SAME_KERNELS  # noqa: E402
+from toolchain.core.errors import PreflightError  # noqa: E402
 
-TOLERANCES = {
-    # genai only feeds the graph's inputs (ids, mask, positions, cache): both sides run the same
-    # graph through the same onnxruntime CPU kernels with the same thread count. Measured 0.0 on
-    # both graph kinds; the bound leaves room for a kernel choosing another reduction order.
-    "prefill_logits_atol": 1e-5,
-    # the same for one-token decode steps over genai's own KV cache (measured 0.0).
-    "decode_logits_atol": 1e-5,
-    # a prompt's logits fed one token at a time (the all-logits fallback) against one batched run:
-    # matrix-vector instead of matrix kernels, attention over a growing cache, so the summation
-    # order differs; logits here are O(10), measured up to 2e-5.
-    "incremental_logits_atol": 1e-4,
-}
 GRAPHS = {"standard": {"graph": "standard"}, "fused": {"graph": "fused"}}
 THREADS = 1
 # the fixture's std-0.02 random weights make greedy decoding repeat one token, which would make
@@ -140,15 +134,15 @@ def test_prefill_and_decode_logits_match_onnxruntime(runtimes, prompt_ids):
     want, ort_state = ort_rt.prefill(prompt_ids, all_logits=True)
     got, state = genai_rt.prefill(prompt_ids, all_logits=True)
     assert got.dtype == np.float32 and got.shape == want.shape == (len(prompt_ids), want.shape[1])
-    np.testing.assert_allclose(got, want, atol=TOLERANCES["prefill_logits_atol"], rtol=0)
+    np.testing.assert_allclose(got, want, atol=SAME_GRAPH_SAME_KERNELS.atol, rtol=0)
     last, state = genai_rt.prefill(prompt_ids)
     assert last.shape == (1, want.shape[1])
-    np.testing.assert_allclose(last, want[-1:], atol=TOLERANCES["prefill_logits_atol"], rtol=0)
+    np.testing.assert_allclose(last, want[-1:], atol=SAME_GRAPH_SAME_KERNELS.atol, rtol=0)
     for step, token in enumerate([5, 17, 42, 99, 7]):
         want_step, ort_state = ort_rt.decode(ort_state, token)
         got_step, state = genai_rt.decode(state, token)
         assert got_step.shape == (1, want.shape[1])
-        np.testing.assert_allclose(got_step, want_step, atol=TOLERANCES["decode_logits_atol"], rtol=0,
+        np.testing.assert_allclose(got_step, want_step, atol=SAME_GRAPH_SAME_KERNELS.atol, rtol=0,
                                    err_msg=f"decode step {step}")
 
 
@@ -183,7 +177,7 @@ def test_all_logits_fallback_for_a_last_position_graph(runtimes, prompt_ids, mon
     monkeypatch.setattr(OnnxGenaiRuntime, "_logits", lambda self, g: full(self, g)[-1:])  # as such a graph would
     got, state = genai_rt.prefill(prompt_ids, all_logits=True)
     assert got.shape == want.shape and state.length == len(prompt_ids)
-    np.testing.assert_allclose(got, want, atol=TOLERANCES["incremental_logits_atol"], rtol=0)
+    np.testing.assert_allclose(got, want, atol=GENAI_INCREMENTAL_LOGITS.atol, rtol=0)
 
 
 def test_tokenizer_check_reports_drift(folders, tmp_path):

@@ -4,7 +4,7 @@ graph against transformers running the same (de)quantised weights.
 The strong check for int8/int4 is exactness, not closeness: with ``accuracy_level`` 1 (float32
 compute) the quantised graph must equal transformers with each linear weight replaced by its
 dequantised copy, so a wrong nibble order, scale layout or zero point cannot hide in a loose
-tolerance. Quality on the real model is judged by the gates (toolchain/gates.py) in the pipeline.
+tolerance. Quality on the real model is judged by the gates (toolchain/quality/gates.py) in the pipeline.
 """
 from __future__ import annotations
 
@@ -23,22 +23,18 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from exporters.onnx import OnnxExportConfig, export, preflight  # noqa: E402
 from exporters.onnx.quant import dequantize_blocks, quantize_blocks  # noqa: E402
 from runtimes.onnxruntime_runtime import OnnxRuntime  # noqa: E402
-from toolchain.errors import PreflightError  # noqa: E402
+from tests.tolerances import (  # noqa: E402
+    IMPORTANCE_GAIN,
+    INT8_PER_TOKEN_KERNEL,
+    INT8_PER_TOKEN_OUTLIER,
+    ONNX_DEQUANT_LOGITS,
+    ONNX_FP16_LOGITS,
+    ONNX_INT8_DYNAMIC_LOGITS,
+    ONNX_INT8_STATIC_LOGITS,
+    ONNX_NBITS_KERNEL,
+)
+from toolchain.core.errors import PreflightError  # noqa: E402
 
-TOLERANCES = {
-    # kernel vs numpy on the same dequantised matrix, float32 compute: summation order only
-    "kernel_atol": 1e-4,
-    # exported graph vs transformers with the same dequantised weights, float32 compute; the tiny
-    # model's logits are O(1); measured ~2e-6 for the float graph
-    "dequant_logits_atol": 2e-4,
-    # fp16 weights and activations against float32 transformers: ~3 significant digits on O(1)
-    # logits through 2 layers; measured ~5e-3
-    "fp16_logits_atol": 3e-2,
-    # int8 with activations quantised at run time (accuracy_level 4) vs float32: measured ~0.09
-    "int8_dynamic_logits_atol": 0.3,
-    # static int8: per-tensor activation ranges from 4 short random calibration sequences
-    "int8_static_logits_atol": 0.6,
-}
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=256, max_position_embeddings=128, rope_theta=100000.0,
             initializer_range=0.1)
@@ -108,7 +104,7 @@ def test_block_layout_matches_matmulnbits_kernel(bits, symmetric, block, k):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
-    np.testing.assert_allclose(y, x @ deq.T, atol=TOLERANCES["kernel_atol"], rtol=0)
+    np.testing.assert_allclose(y, x @ deq.T, atol=ONNX_NBITS_KERNEL.atol, rtol=0)
 
 
 @pytest.mark.parametrize("bits, block, symmetric", [(4, 32, True), (4, 16, False), (8, 32, True)])
@@ -124,7 +120,7 @@ def test_int_graph_equals_transformers_on_dequantised_weights(tiny, bits, block,
     ref = dequantised_model(model, bits, block, symmetric, lm_head_bits=bits)
     with torch.no_grad():
         expected = ref(torch.as_tensor(ids)[None]).logits[0].numpy()
-    np.testing.assert_allclose(onnx_logits(out, ids), expected, atol=TOLERANCES["dequant_logits_atol"], rtol=0)
+    np.testing.assert_allclose(onnx_logits(out, ids), expected, atol=ONNX_DEQUANT_LOGITS.atol, rtol=0)
 
 
 def test_float_lm_head_and_quantised_embedding(tiny):
@@ -141,7 +137,7 @@ def test_float_lm_head_and_quantised_embedding(tiny):
     ids = random_ids(SEQ, seed=3)
     with torch.no_grad():
         expected = ref(torch.as_tensor(ids)[None]).logits[0].numpy()
-    np.testing.assert_allclose(onnx_logits(out, ids), expected, atol=TOLERANCES["dequant_logits_atol"], rtol=0)
+    np.testing.assert_allclose(onnx_logits(out, ids), expected, atol=ONNX_DEQUANT_LOGITS.atol, rtol=0)
 
 
 def test_default_int4_keeps_an_int8_lm_head(tiny):
@@ -152,7 +148,7 @@ def test_default_int4_keeps_an_int8_lm_head(tiny):
     with torch.no_grad():
         expected = dequantised_model(model, 4, 32, True, lm_head_bits=8)(torch.as_tensor(ids)[None]).logits[0].numpy()
     np.testing.assert_allclose(onnx_logits(root / "int4-default", ids), expected,
-                               atol=TOLERANCES["dequant_logits_atol"], rtol=0)
+                               atol=ONNX_DEQUANT_LOGITS.atol, rtol=0)
 
 
 def test_scale_search_and_importance_lower_the_error_they_target():
@@ -167,11 +163,11 @@ def test_scale_search_and_importance_lower_the_error_they_target():
         weighted = quantize_blocks(w, 4, 32, symmetric, importance=importance)
         assert err(searched) <= err(plain)
         assert err(weighted, importance) <= err(searched, importance)
-        assert err(weighted, importance) < 0.95 * err(plain, importance)
+        assert err(weighted, importance) < IMPORTANCE_GAIN.hi * err(plain, importance)
 
 
 def test_imatrix_weights_the_quantiser(tiny, tmp_path):
-    from exporters.gguf.imatrix import compute_imatrix, save_imatrix
+    from toolchain.core.imatrix import compute_imatrix, save_imatrix
 
     model, root = tiny
     batches = [random_ids(32, seed=s).tolist() for s in range(4)]
@@ -191,15 +187,15 @@ def test_imatrix_weights_the_quantiser(tiny, tmp_path):
     ids = random_ids(SEQ, seed=8)
     with torch.no_grad():
         expected = dequantised_model(model, 4, 32, False, 8, importance)(torch.as_tensor(ids)[None]).logits[0].numpy()
-    np.testing.assert_allclose(onnx_logits(out, ids), expected, atol=TOLERANCES["dequant_logits_atol"], rtol=0)
+    np.testing.assert_allclose(onnx_logits(out, ids), expected, atol=ONNX_DEQUANT_LOGITS.atol, rtol=0)
     with pytest.raises(PreflightError, match="importance matrix"):
         export(root / "hf", tmp_path / "no-imatrix", {"precision": "int4", "imatrix": True, "genai": False})
 
 
 @pytest.mark.parametrize("precision, options, tolerance", [
-    ("fp16", {}, "fp16_logits_atol"),
-    ("int8", {}, "int8_dynamic_logits_atol"),
-])
+    ("fp16", {}, ONNX_FP16_LOGITS),
+    ("int8", {}, ONNX_INT8_DYNAMIC_LOGITS),
+], ids=["fp16", "int8"])
 def test_precision_stays_close_to_float_model(tiny, precision, options, tolerance):
     model, root = tiny
     out = root / f"close-{precision}"
@@ -208,7 +204,7 @@ def test_precision_stays_close_to_float_model(tiny, precision, options, toleranc
     with torch.no_grad():
         expected = model(torch.as_tensor(ids)[None]).logits[0].numpy()
     got = onnx_logits(out, ids)
-    np.testing.assert_allclose(got, expected, atol=TOLERANCES[tolerance], rtol=0)
+    np.testing.assert_allclose(got, expected, atol=tolerance.atol, rtol=0)
     if precision == "fp16":
         runtime = OnnxRuntime(out, threads=1)
         runtime.load()
@@ -228,7 +224,7 @@ def test_static_int8_uses_calibrated_ranges(tiny, tmp_path):
     ids = random_ids(SEQ, seed=5)
     with torch.no_grad():
         expected = model(torch.as_tensor(ids)[None]).logits[0].numpy()
-    np.testing.assert_allclose(onnx_logits(out, ids), expected, atol=TOLERANCES["int8_static_logits_atol"], rtol=0)
+    np.testing.assert_allclose(onnx_logits(out, ids), expected, atol=ONNX_INT8_STATIC_LOGITS.atol, rtol=0)
     with pytest.raises(PreflightError, match="calibration"):
         export(root / "hf", tmp_path / "no-calibration", {"precision": "int8", "activations": "static"})
 
@@ -278,7 +274,7 @@ def test_integer_int8_quantises_activations_per_token(tmp_path):
     x_scale = np.maximum(np.abs(x).max(-1, keepdims=True), 1e-8) / np.float32(127)
     xq = np.clip(np.round(x / x_scale), -127, 127)
     emulated = (xq @ wq.astype(np.float32)) * x_scale * w_scale
-    np.testing.assert_allclose(got, emulated, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(got, emulated, rtol=INT8_PER_TOKEN_KERNEL.rtol, atol=INT8_PER_TOKEN_KERNEL.atol)
     exact = x @ w.T
     rel = np.abs(got - exact).max(-1) / np.abs(exact).max(-1)
-    assert rel[0, 1:].max() < 0.03, "ordinary tokens keep int8 precision beside an outlier token"
+    assert rel[0, 1:].max() < INT8_PER_TOKEN_OUTLIER.hi, "ordinary tokens keep int8 precision beside an outlier token"

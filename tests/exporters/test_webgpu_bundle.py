@@ -12,6 +12,7 @@ import onnx
 import pytest
 
 from tests.conftest import have
+from tests.tolerances import BUNDLE_SIZE_MB
 
 pytestmark = pytest.mark.skipif(not have("onnxruntime"), reason="needs onnxruntime")
 
@@ -91,7 +92,7 @@ def test_native_onnxruntime_runs_the_bundles_file(bundle, spread_model_dir):
     ids = [5, 17, 42, 99, 3]
     assert len(rt.generate(ids, 8)) == 8
     size = sum(p.stat().st_size for p in (out / "models/model/onnx").glob("model_quantized.onnx*"))
-    assert abs(rt_size_mb(rt) - size / 2**20) < 1e-6, "native size counts the graph and its data only"
+    assert abs(rt_size_mb(rt) - size / 2**20) < BUNDLE_SIZE_MB.atol, "native size counts the graph and its data only"
 
 
 def rt_size_mb(rt):
@@ -139,7 +140,7 @@ def test_external_data_is_renamed_and_chunked(spread_model_dir, tmp_path, monkey
 ])
 def test_bad_options_are_refused_with_the_fix(options, message):
     from exporters.webgpu import _config
-    from toolchain.errors import PreflightError
+    from toolchain.core.errors import PreflightError
 
     with pytest.raises(PreflightError, match=message):
         _config(options)
@@ -159,7 +160,7 @@ def test_refusal_table_catches_what_onnxruntime_web_aborts_on(spread_model_dir, 
 
 def test_missing_node_modules_names_the_fix(spread_model_dir, tmp_path, monkeypatch):
     from exporters.webgpu import preflight
-    from toolchain.errors import PreflightError
+    from toolchain.core.errors import PreflightError
 
     web = tmp_path / "web"
     (web / "page").mkdir(parents=True)

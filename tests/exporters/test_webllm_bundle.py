@@ -12,7 +12,8 @@ import json
 import pytest
 
 from exporters.webllm.config import WebllmExportConfig
-from toolchain.errors import PreflightError
+from tests.tolerances import WEBLLM_BUNDLE_Q0F32_KL
+from toolchain.core.errors import PreflightError
 
 
 @pytest.mark.parametrize("options, words", [
@@ -104,7 +105,7 @@ def test_every_quant_passes_the_numpy_reference_check(weights_bundle):
     for quant, chk in checks.items():
         assert chk["gate"]["passed"], (quant, chk["gate"]["failures"])
     # the float32 copy is the merged model itself: only summation order differs
-    assert checks["q0f32"]["quality"]["kl_mean"] < 1e-6
+    assert checks["q0f32"]["quality"]["kl_mean"] < WEBLLM_BUNDLE_Q0F32_KL.kl
     assert checks["q0f32"]["quality"]["top1_agreement"] == 1.0
     # and 4-bit is measurably lossy: the check is not comparing a file with itself
     assert checks["q4f32_1"]["quality"]["kl_mean"] > checks["q0f16"]["quality"]["kl_mean"]

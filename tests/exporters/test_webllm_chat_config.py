@@ -15,11 +15,19 @@ from pathlib import Path
 
 import pytest
 
+from exporters.webllm.chat_config import (
+    CHAT_CONFIG_FILE,
+    check_conv_template,
+    tokenizer_info,
+    write_chat_config,
+)
+from exporters.webllm.conv_template import (
+    derive_conv_template,
+    webllm_prompt,
+    webllm_prompt_parts,
+)
 from tests.conftest import REPO, build_tokenizer
-
-from exporters.webllm.chat_config import CHAT_CONFIG_FILE, check_conv_template, tokenizer_info, write_chat_config
-from exporters.webllm.conv_template import derive_conv_template, webllm_prompt, webllm_prompt_parts
-from toolchain.errors import PreflightError
+from toolchain.core.errors import PreflightError
 
 RENDER_SCRIPT = REPO / "web" / "test" / "webllm-conv" / "render.mjs"
 WEBLLM_PACKAGE = REPO / "web" / "node_modules" / "@mlc-ai" / "web-llm" / "package.json"

@@ -28,24 +28,15 @@ from exporters.webllm.library.sampler import SAMPLER_FUNCTIONS  # noqa: E402
 from exporters.webllm.quant import QUANTS  # noqa: E402
 from exporters.webllm.reference import reference_logits  # noqa: E402
 from exporters.webllm.tensor_cache import load_tensor_cache  # noqa: E402
+from tests.tolerances import (  # noqa: E402
+    WEBLLM_LIB_F16_VS_REFERENCE,
+    WEBLLM_LIB_Q0F32,
+    WEBLLM_LIB_Q4_VS_REFERENCE,
+    WEBLLM_LIB_Q4_VS_TORCH_COSINE,
+    WEBLLM_PENALTY,
+    WEBLLM_SOFTMAX,
+)
 
-TOLERANCES = {
-    # float32 on both sides, only the summation order differs (TVM's CPU kernels, the paged
-    # attention's online softmax); logits are O(3); measured 1.7e-6 (llama) and 1.3e-6 (qwen2).
-    # A rope_theta of 10000 instead of 100000 moves them by ~0.5, a lost norm by more.
-    "q0f32_vs_torch_atol": 1e-4,
-    # q4f32_1 against the NumPy reference reading the same quantised files: the same dequantised
-    # weights, so again only float32 summation order; a nibble or scale misread moves logits by O(1).
-    "q4_vs_reference_atol": 1e-4,
-    # q4f32_1 against the float torch model: 4-bit weights (7 levels per sign, one scale per 32
-    # inputs) move these O(3) tiny logits by up to ~1.1 (measured); rows stay aligned in
-    # direction: measured cosine 0.937 (llama) / 0.948 (qwen2) at worst, a wrong layout gives ~0.
-    "q4_vs_torch_min_cosine": 0.8,
-    # float16 quantisations against the NumPy reference (which rounds to float16 only where the
-    # weights are stored): the library's float16 activations and accumulations round at every
-    # step (eps 1e-3 on O(3) logits); measured 0.016 (llama q0f16) and 0.007 (qwen2 q4f16_1).
-    "f16_vs_reference_atol": 0.05,
-}
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=128, vocab_size=256, max_position_embeddings=128,
             rope_theta=100000.0,  # not the 10000 default: catches a lost rope base
@@ -165,7 +156,7 @@ def test_q0f32_prefill_and_decode_match_torch_and_greedy_is_argmax(tiny, tmp_pat
     ids = prompt_ids()
     got, session, metadata = run_library(model_type, cfg, "q0f32", tmp_path, ids)
     want = torch_logits(model, ids)[PROMPT_LEN - 1:]
-    assert np.abs(got - want).max() < TOLERANCES["q0f32_vs_torch_atol"]
+    assert np.abs(got - want).max() < WEBLLM_LIB_Q0F32.atol
     for row in got:
         assert session.greedy(row) == int(row.argmax())
     # the library describes itself as web-llm reads it
@@ -183,10 +174,10 @@ def test_q4f32_1_matches_the_numpy_reference_and_stays_near_torch(tiny, tmp_path
     ids = prompt_ids()
     got, session, _ = run_library(model_type, cfg, "q4f32_1", tmp_path, ids)
     ref = reference_logits(tmp_path, cfg, model_type, "q4f32_1", ids.tolist())[PROMPT_LEN - 1:]
-    assert np.abs(got - ref).max() < TOLERANCES["q4_vs_reference_atol"]
+    assert np.abs(got - ref).max() < WEBLLM_LIB_Q4_VS_REFERENCE.atol
     want = torch_logits(model, ids)[PROMPT_LEN - 1:]
     cosine = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
-    assert cosine.min() > TOLERANCES["q4_vs_torch_min_cosine"]
+    assert cosine.min() > WEBLLM_LIB_Q4_VS_TORCH_COSINE.lo
     for row in got:
         assert session.greedy(row) == int(row.argmax())
 
@@ -198,7 +189,7 @@ def test_float16_quantisations_match_the_numpy_reference(tiny, tmp_path, model_t
     ids = prompt_ids()
     got, session, _ = run_library(model_type, cfg, quant, tmp_path, ids)
     ref = reference_logits(tmp_path, cfg, model_type, quant, ids.tolist())[PROMPT_LEN - 1:]
-    assert np.abs(got - ref).max() < TOLERANCES["f16_vs_reference_atol"]
+    assert np.abs(got - ref).max() < WEBLLM_LIB_F16_VS_REFERENCE.atol
     assert (got.argmax(-1) == ref.argmax(-1)).all()
 
 
@@ -212,7 +203,7 @@ def test_batch_prefill_and_batch_decode_match_prefill_and_decode(tiny, tmp_path)
     s = Session(ex, metadata, tmp_path)
     rows = [s.step(ids[:PROMPT_LEN], "batch_prefill", np.array([PROMPT_LEN - 1], "int32"))[0, -1]]
     rows += [s.step(ids[i:i + 1], "batch_decode")[0, -1] for i in range(PROMPT_LEN, len(ids))]
-    assert np.abs(np.stack(rows) - single).max() < TOLERANCES["q0f32_vs_torch_atol"]
+    assert np.abs(np.stack(rows) - single).max() < WEBLLM_LIB_Q0F32.atol
 
 
 # -- sampler and logit processors ----------------------------------------------------------------------
@@ -243,7 +234,7 @@ def test_softmax_with_temperature_and_top_p_sampling_match_numpy(sampler_session
         s.tensor(logits.reshape(1, 1, -1)), s.tensor(np.array([temperature], "float32"))).numpy()
     want = np.exp(logits / temperature - (logits / temperature).max())
     want /= want.sum()
-    np.testing.assert_allclose(probs.reshape(-1), want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(probs.reshape(-1), want, rtol=WEBLLM_SOFTMAX.rtol, atol=WEBLLM_SOFTMAX.atol)
     distinct = set()
     for u in (0.0, 0.1, 0.35, 0.6, 0.9, 0.999):
         for top_p in (0.3, 0.9, 1.0):
@@ -277,7 +268,7 @@ def test_logit_processors_edit_logits_in_place(sampler_session):
     for token, count in ((3, 1), (7, 2)):
         v = want[0, token] - presence - count * frequency
         want[0, token] = v * repetition if v < 0 else v / repetition
-    np.testing.assert_allclose(t.numpy(), want, rtol=1e-6)
+    np.testing.assert_allclose(t.numpy(), want, rtol=WEBLLM_PENALTY.rtol)
 
     t = s.tensor(logits)
     allowed = [5, 31, 65, 255]

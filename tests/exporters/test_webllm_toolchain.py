@@ -15,17 +15,11 @@ import numpy as np
 import pytest
 
 from exporters.webllm.library import toolchain
-from toolchain.errors import EdgesmithError
+from tests.tolerances import WEBGPU_AXPY
+from toolchain.core.errors import EdgesmithError
 
 REPO = Path(__file__).resolve().parents[2]
 RUN_JS = REPO / "web" / "test" / "webllm-toolchain" / "run.mjs"
-
-TOL = {
-    # y = 2x + y in float32 on the GPU: exact in IEEE arithmetic, but a shader compiler may fuse the
-    # multiply-add (one rounding instead of two), which moves the result by at most 1 ulp (~1e-7
-    # relative for |values| < 10); a wrong kernel, argument order or layout is off by O(1).
-    "axpy": 1e-6,
-}
 N = 1000  # not a multiple of the kernel's thread block: the bounds check is exercised
 
 WEBGPU_TARGET = {"kind": "webgpu", "host": {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}}
@@ -379,4 +373,4 @@ def test_library_runs_in_chromium_webgpu(tools, tmp_path):
     print(f"chromium WebGPU ({result['adapter']}), web-llm {result['webllm_version']}, load "
           f"{result['load_ms']:.0f} ms, max |err| {err:.2e}, args {result['chromium_args']}")
     assert got.shape == want.shape
-    assert err <= TOL["axpy"], f"max |got - want| = {err}"
+    assert err <= WEBGPU_AXPY.atol, f"max |got - want| = {err}"

@@ -20,30 +20,28 @@ transformers = pytest.importorskip("transformers")
 from exporters.hf import TensorMismatchError  # noqa: E402
 from exporters.webllm import families  # noqa: E402
 from exporters.webllm.families import family_for, plan  # noqa: E402
-from exporters.webllm.quant import QUANTS, dequantize_group, quantize_group, unpack_group  # noqa: E402
+from exporters.webllm.quant import (  # noqa: E402
+    QUANTS,
+    dequantize_group,
+    quantize_group,
+    unpack_group,
+)
 from exporters.webllm.reference import logit_agreement, reference_logits, torch_logits  # noqa: E402
-from exporters.webllm.tensor_cache import (ENCODE_F32_TO_BF16, ENCODE_RAW, load_tensor_cache, read_index,  # noqa: E402
-                                           write_tensor_cache)
+from exporters.webllm.tensor_cache import (  # noqa: E402
+    ENCODE_F32_TO_BF16,
+    ENCODE_RAW,
+    load_tensor_cache,
+    read_index,
+    write_tensor_cache,
+)
 from exporters.webllm.weights import convert  # noqa: E402
-from toolchain.errors import PreflightError  # noqa: E402
+from tests.tolerances import (  # noqa: E402
+    WEBLLM_REFERENCE_EXACT,
+    WEBLLM_REFERENCE_Q0F16,
+    WEBLLM_REFERENCE_Q4,
+)
+from toolchain.core.errors import PreflightError  # noqa: E402
 
-TOLERANCES = {
-    # reference vs transformers on weights that round-trip exactly (q0f32) or on a torch model
-    # given the very values the MLC files decode to ("mirrored"): both sides fp32, only summation
-    # order differs; tiny-model logits are O(1), measured ~1e-6.
-    "exact_atol": 1e-4,
-    # q0f16 vs the fp32 model: every weight rounded to float16 (relative 2^-11); measured max
-    # 3e-3 on the untied models' O(1) logits and 3e-2 on the tied model's O(10) ones (its unit-scale
-    # embedding is also its head); 5x margin.
-    "q0f16_atol": 0.15,
-    # 4-bit symmetric groups of 32 on unit-scale random weights vs the fp32 model: measured KL
-    # 0.0007-0.028 and top-1 0.5-1.0 (tiny random models have small margins between the top two
-    # tokens). With the nibbles of each word reversed the untied models give KL 0.6 and top-1
-    # 0.04-0.08; the mirrored comparison above (exact_atol) is the layout check that never
-    # depends on margins.
-    "q4_kl": 0.1,
-    "q4_top1": 0.3,
-}
 SEQ = 24
 VOCAB = 256
 MODELS = {
@@ -297,14 +295,14 @@ def test_reference_matches_torch(models, converted, key, quant):
     ids = _ids()
     mine = reference_logits(out_dir, summary["model_config"], summary["model_type"], quant, ids)
     assert mine.shape == (SEQ, VOCAB)
-    np.testing.assert_allclose(mine, _mirrored_logits(models[key], quant, ids), atol=TOLERANCES["exact_atol"], rtol=0)
+    np.testing.assert_allclose(mine, _mirrored_logits(models[key], quant, ids), atol=WEBLLM_REFERENCE_EXACT.atol, rtol=0)
     agreement = logit_agreement(torch_logits(models[key], ids), mine)
     if quant == "q0f32":
-        assert agreement["max_abs"] < TOLERANCES["exact_atol"]
+        assert agreement["max_abs"] < WEBLLM_REFERENCE_EXACT.atol
     elif quant == "q0f16":
-        assert agreement["max_abs"] < TOLERANCES["q0f16_atol"]
+        assert agreement["max_abs"] < WEBLLM_REFERENCE_Q0F16.atol
     else:
-        assert agreement["kl"] < TOLERANCES["q4_kl"] and agreement["top1"] >= TOLERANCES["q4_top1"], agreement
+        assert agreement["kl"] < WEBLLM_REFERENCE_Q4.kl and agreement["top1"] >= WEBLLM_REFERENCE_Q4.top1, agreement
 
 
 # --- config and errors ---------------------------------------------------------------------------

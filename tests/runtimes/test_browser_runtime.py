@@ -10,16 +10,10 @@ import numpy as np
 import pytest
 
 from tests.conftest import browser_tools_or_skip, have
+from tests.tolerances import BROWSER_VS_NATIVE_LOGITS
 
 pytestmark = pytest.mark.skipif(not have("onnxruntime"), reason="needs onnxruntime")
 
-# Tolerances, each with its reason.
-TOL = {
-    # last-position and all-position logits of the tiny model (|logit| < ~5) in float32 compute (the q4
-    # file too: accuracy_level 0 dequantises): onnxruntime-web's wasm and WebGPU kernels sum in
-    # another order than native MLAS, measured up to 2e-6; a wrong mask, rotary or cache is off by ~1.
-    "logits": 1e-4,
-}
 GREEDY_TOKENS = 24
 
 
@@ -92,11 +86,11 @@ def test_wasm_logits_of_every_position_match_native(wasm, bundle, prompts):
     got = wasm.logits(ids)
     want = native(out, manifest["runtime_options"]["model_file"]).logits(ids)
     assert got.shape == want.shape == (len(ids), want.shape[1])
-    assert np.abs(got - want).max() < TOL["logits"]
+    assert np.abs(got - want).max() < BROWSER_VS_NATIVE_LOGITS.atol
 
 
 def test_wasm_bench_fills_the_shared_schema(wasm, prompts):
-    from toolchain.benchschema import BenchSettings
+    from toolchain.core.benchschema import BenchSettings
 
     settings = BenchSettings(threads=2, prompt_tokens=16, gen_tokens=8, repetitions=2, warmup=1)
     r = wasm.bench(prompts[0] * 2, settings, target="t", load_s=1.0).to_dict()
@@ -136,7 +130,7 @@ def test_webgpu_falls_back_without_shader_f16_and_matches_native(bundle, prompts
         ref = native(out, "models/model/onnx/model_q4.onnx")
         for ids in prompts:
             assert rt.generate(ids, GREEDY_TOKENS) == ref.generate(ids, GREEDY_TOKENS)
-        assert np.abs(rt.logits(prompts[0]) - ref.logits(prompts[0])).max() < TOL["logits"]
+        assert np.abs(rt.logits(prompts[0]) - ref.logits(prompts[0])).max() < BROWSER_VS_NATIVE_LOGITS.atol
     finally:
         rt.close()
 

@@ -11,9 +11,7 @@ torch = pytest.importorskip("torch")
 
 import runtimes.onnxruntime_runtime as ortrt  # noqa: E402
 from exporters.onnx import export  # noqa: E402
-
-# same graph and weights; the two paths differ only in where the cache lives
-SAME_FILE_ATOL = 1e-5
+from tests.tolerances import SAME_GRAPH_SAME_KERNELS  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -38,11 +36,11 @@ def test_shared_buffer_matches_plain_path_through_capacity_growth(fused_export, 
     ids = np.random.default_rng(0).integers(3, 256, size=80).tolist()  # 5 + 75 decodes: grows 8 -> ... -> 128
     a, sa = shared.prefill(ids[:5], all_logits=True)
     b, sb = plain.prefill(ids[:5], all_logits=True)
-    np.testing.assert_allclose(a, b, atol=SAME_FILE_ATOL, rtol=0)
+    np.testing.assert_allclose(a, b, atol=SAME_GRAPH_SAME_KERNELS.atol, rtol=0)
     for tok in ids[5:]:
         a, sa = shared.decode(sa, tok)
         b, sb = plain.decode(sb, tok)
-        np.testing.assert_allclose(a, b, atol=SAME_FILE_ATOL, rtol=0)
+        np.testing.assert_allclose(a, b, atol=SAME_GRAPH_SAME_KERNELS.atol, rtol=0)
     assert sa.length == sb.length == 80 and sa.presents[0].shape[2] >= 80
 
 

@@ -14,21 +14,11 @@ import numpy as np
 import pytest
 
 from tests.conftest import browser_tools_or_skip
-from toolchain.errors import EdgesmithError, PreflightError
+from tests.tolerances import WEBLLM_BROWSER_Q0F32_LOGITS, WEBLLM_GREEDY_MATCH
+from toolchain.core.errors import EdgesmithError, PreflightError
 
 GREEDY_TOKENS = 16
 QUANTS = ("q0f32", "q4f32_1")  # what SwiftShader can run: no shader-f16
-# Tolerances, each with its reason.
-TOL = {
-    # greedy ids must match torch's exactly on q0f32 (same float32 math, other summation order: a
-    # flip needs a near-tie, which the tiny model's fixed prompts do not have); q4f32_1 is compared
-    # with the torch model whose weights went through the same int4 round trip, so also exactly.
-    "greedy_match": 1.0,
-    # q0f32 logits of the spread model (unit-scale weights, |logit| up to ~30) from web-llm's
-    # decode path on SwiftShader against torch on the CPU: float32 with another summation order;
-    # a wrong rotary, mask or KV cache is off by whole units.
-    "logits_q0f32": 1e-3,
-}
 
 
 # ---------------------------------------------------------------------------- app config entry
@@ -63,7 +53,7 @@ def test_app_config_refusals_name_the_fix():
 # ---------------------------------------------------------------------------- the vendored page
 def test_copy_page_vendors_web_llm_at_the_locked_version(tmp_path):
     from exporters.webllm.vendor import check_installed, copy_page
-    from toolchain.webassets import node_modules_dir
+    from toolchain.core.webassets import node_modules_dir
 
     if not (node_modules_dir() / "@mlc-ai" / "web-llm" / "lib" / "index.js").is_file():
         pytest.skip(f"{node_modules_dir()} has no @mlc-ai/web-llm (fix: edgesmith setup web)")
@@ -235,11 +225,11 @@ def test_web_llm_greedy_matches_torch_in_chromium(webllm_bundle, spread_model_di
         assert any(len(set(w)) > 2 for w in want), f"torch's greedy output is degenerate, a weak check: {want}"
         got = [rt.generate(ids, GREEDY_TOKENS) for ids in prompts]
         matches = [g == w for g, w in zip(got, want)]
-        assert sum(matches) / len(matches) >= TOL["greedy_match"], (got, want)
+        assert sum(matches) / len(matches) >= WEBLLM_GREEDY_MATCH.lo, (got, want)
         if quant == "q0f32":  # web-llm's decode-path logits (LogitProcessor) against torch's, same weights
             ids = prompts[1][:12]
             diff = np.abs(rt.logits(ids) - _torch_logits(spread_model_dir, ids)).max()
-            assert diff <= TOL["logits_q0f32"], diff
+            assert diff <= WEBLLM_BROWSER_Q0F32_LOGITS.atol, diff
         check = rt.tokenizer_check()
         assert check["mismatches"] == [], check["mismatches"][:2]
         # the OpenAI-style chat path (web-llm's conv_template prompt) answers what greedy does on the HF prompt
@@ -251,7 +241,7 @@ def test_web_llm_greedy_matches_torch_in_chromium(webllm_bundle, spread_model_di
 
 def test_bench_fills_the_shared_schema(webllm_bundle):
     from runtimes.webllm_runtime import BrowserWebllmRuntime
-    from toolchain.benchschema import BenchSettings
+    from toolchain.core.benchschema import BenchSettings
 
     root, _ = webllm_bundle
     rt = BrowserWebllmRuntime(root, timeout_s=600)

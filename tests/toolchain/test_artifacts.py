@@ -9,10 +9,17 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.artifacts import (MANIFEST, Artifact, ArtifactStore, fingerprint_path, library_versions,
-                                 sha256_file, stage_key)
-from toolchain.errors import EdgesmithError
-from toolchain.registry import DEFAULT_RUNTIMES, EXPORTERS, RUNTIMES, Entry, Registry
+from toolchain.core.errors import EdgesmithError
+from toolchain.pipeline.artifacts import (
+    MANIFEST,
+    Artifact,
+    ArtifactStore,
+    fingerprint_path,
+    library_versions,
+    sha256_file,
+    stage_key,
+)
+from toolchain.pipeline.registry import EXPORTERS, RUNTIMES, Entry, Registry
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = {"lr": 0.002, "lora": {"rank": 16}}
@@ -223,15 +230,14 @@ def test_registry_get_unknown_names_the_known():
 def test_builtin_tables():
     assert {"onnx", "gguf", "gguf-lora"} <= set(EXPORTERS.names())
     assert {"torch", "onnxruntime", "llama.cpp"} <= set(RUNTIMES.names())
-    assert DEFAULT_RUNTIMES["onnx"] == ["onnxruntime"]
+    assert EXPORTERS.get("onnx").runtimes == ("onnxruntime",)
     # every entry names a module:attribute and, where it takes options, a config class
     assert all(":" in e.target and (e.config is None or ":" in e.config) for e in [*EXPORTERS, *RUNTIMES])
-    assert all(rt in RUNTIMES for rts in DEFAULT_RUNTIMES.values() for rt in rts)
-    assert all(name in EXPORTERS for name in DEFAULT_RUNTIMES)
+    assert all(rt in RUNTIMES for e in EXPORTERS for rt in e.runtimes)
 
 
 def test_listing_targets_imports_no_target_module():
-    code = ("import toolchain.registry as r; [e.installed() for e in r.RUNTIMES]; "
+    code = ("import toolchain.pipeline.registry as r; [e.installed() for e in r.RUNTIMES]; "
             "[e.missing() for e in r.EXPORTERS]; r.EXPORTERS.names(); import sys; "
             "print('onnxruntime' in sys.modules, 'torch' in sys.modules, 'onnx' in sys.modules)")
 
@@ -259,6 +265,6 @@ def test_load_without_an_extra_names_the_package():
 
 
 def test_load_of_an_installed_entry_returns_the_attribute():
-    entry = _entry("ok", target="toolchain.artifacts:stage_key", requires=("json",))
+    entry = _entry("ok", target="toolchain.pipeline.artifacts:stage_key", requires=("json",))
 
     assert entry.load() is stage_key

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from toolchain.benchschema import Stat, load_warning, machine_state
+from toolchain.core.benchschema import Stat, load_warning, machine_state
 
 
 def test_stat_of_repetitions():

@@ -9,9 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.data import (DataError, detect_format, load_splits, normalize, pack, prompt_and_reference,
-                            read_rows, render_prompt, tokenize_example)
-from toolchain.recipe import DataSection
+from toolchain.core.chat import (
+    pack,
+    prompt_and_reference,
+    render_prompt,
+    tokenize_example,
+)
+from toolchain.pipeline.recipe import DataSection
+from toolchain.stages.data import (
+    DataError,
+    detect_format,
+    load_splits,
+    normalize,
+    read_rows,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 IGNORE = -100

@@ -9,8 +9,9 @@ import sys
 import pytest
 
 from toolchain import cli
-from toolchain.errors import StageError, StageFailed
-from toolchain.stages import Stage, make_bench
+from toolchain.core.errors import StageError, StageFailed
+from toolchain.pipeline.plan import Stage
+from toolchain.stages.bench import make_bench
 
 
 def _recipe(tmp_path):
@@ -33,7 +34,7 @@ def _failing_plan(exc):
      "training diverged: final loss is nan (fix: lower train.learning_rate)"),
 ])
 def test_a_failed_stage_prints_stage_cause_and_log_and_exits_4(tmp_path, capsys, monkeypatch, exc, cause):
-    monkeypatch.setattr("toolchain.runner.plan", _failing_plan(exc))
+    monkeypatch.setattr("toolchain.pipeline.runner.plan", _failing_plan(exc))
 
     code = cli.main(["run", str(_recipe(tmp_path)), "--quiet"])
 
@@ -55,7 +56,7 @@ def test_an_internal_error_outside_stages_is_logged_and_exits_1(tmp_path, capsys
     def broken(args):
         raise KeyError("surprise")
 
-    monkeypatch.setattr(cli, "cmd_targets", lambda: broken(None))
+    monkeypatch.setattr(cli.run, "cmd_targets", lambda: broken(None))
     code = cli.main(["targets"])
 
     err = capsys.readouterr().err
@@ -79,8 +80,9 @@ class _Art:
 def test_a_bench_worker_failure_is_one_line_with_the_worker_log(tmp_path):
     """The worker (a subprocess) fails loading the artifact: the cause is its exception in one line, and its
     traceback is in worker.log, which the runner copies into the run's log."""
-    from toolchain.recipe import BenchSection
     from types import SimpleNamespace
+
+    from toolchain.pipeline.recipe import BenchSection
 
     missing = tmp_path / "no-such-model"
     ref = tmp_path / "reference"
@@ -90,7 +92,7 @@ def test_a_bench_worker_failure_is_one_line_with_the_worker_log(tmp_path):
     run = make_bench("onnxruntime", "onnx", "export-onnx")
     ctx = SimpleNamespace(recipe=SimpleNamespace(bench=BenchSection()))
     with pytest.raises(StageError) as info:
-        run(ctx, {"export-onnx": _Art(missing), "reference": _Art(ref)}, out)
+        run(ctx, {"artifact": _Art(missing), "reference": _Art(ref)}, out)
     msg = str(info.value)
     assert msg.startswith("benchmark of onnx on onnxruntime: ") and "\n" not in msg
     assert info.value.log == out.resolve() / "worker.log"
@@ -98,7 +100,7 @@ def test_a_bench_worker_failure_is_one_line_with_the_worker_log(tmp_path):
 
 
 def test_the_worker_reports_a_signal_death_by_name(tmp_path):
-    from toolchain.stages import worker_cause
+    from toolchain.stages.bench import worker_cause
 
     proc = subprocess.run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGSEGV)"],
                           capture_output=True, text=True)

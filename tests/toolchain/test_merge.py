@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from toolchain.errors import StageError
-from toolchain.merge import merge
-
-# Tolerances, each with its reason:
-TOL = {
-    # W + scale * B @ A in fp32 versus computing x @ W + scale * (x @ A) @ B: reassociation only
-    "merged_vs_adapter_max_abs": 1e-4,
-    # a random adapter with non-zero B must move logits by far more than rounding noise
-    "adapter_effect_min_abs": 1e-2,
-}
+from tests.tolerances import ADAPTER_EFFECT, MERGED_VS_ADAPTER
+from toolchain.core.errors import StageError
+from toolchain.training.merge import merge
 
 
 def make_adapter(model_dir, out, seed=0, poison=False):
@@ -52,8 +45,8 @@ def test_merged_logits_equal_base_plus_adapter(tmp_path, tiny_model_dir):
     ids = AutoTokenizer.from_pretrained(out)("Write 5 March 2021 as YYYY-MM-DD.")["input_ids"]
     ref = logits(peft_model, ids)
     got = logits(merged, ids)
-    assert (got - ref).abs().max().item() < TOL["merged_vs_adapter_max_abs"]
-    assert (got - logits(base, ids)).abs().max().item() > TOL["adapter_effect_min_abs"]
+    assert (got - ref).abs().max().item() < MERGED_VS_ADAPTER.atol
+    assert (got - logits(base, ids)).abs().max().item() > ADAPTER_EFFECT.lo
     assert figures["tensors_checked_finite"] > 0
     # the merged directory is a plain HF checkpoint with tokenizer, chat template and generation config
     for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):

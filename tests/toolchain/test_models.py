@@ -11,10 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from toolchain import models
-from toolchain.errors import ModelSourceError
-from toolchain.models import (EMBEDDED, download_from_hub, effective_rope_theta, patch_config, resolve_source,
-                              save_tokenizer)
+from toolchain.core import models
+from toolchain.core.errors import ModelSourceError
+from toolchain.core.models import (
+    EMBEDDED,
+    download_from_hub,
+    effective_rope_theta,
+    patch_config,
+    resolve_source,
+    save_tokenizer,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -114,8 +120,8 @@ def test_hub_offline_fails_fast_with_a_clear_message(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HOME=str(tmp_path / "hf"))
     env.pop("HF_HUB_CACHE", None)
     env.pop("HUGGINGFACE_HUB_CACHE", None)
-    code = ("from toolchain.models import download_from_hub\n"
-            "from toolchain.errors import ModelSourceError\n"
+    code = ("from toolchain.core.models import download_from_hub\n"
+            "from toolchain.core.errors import ModelSourceError\n"
             f"try:\n    download_from_hub({HUB_ID!r}, None)\n"
             "except ModelSourceError as exc:\n    print('ModelSourceError:', exc)\n")
 

@@ -1,9 +1,10 @@
 """Recipe loading: typed values, every problem reported at once with place/rule/value/fix, overrides."""
 from __future__ import annotations
+
 import dataclasses as _dc
 
-from toolchain.recipe import Recipe as _Recipe
-from toolchain.registry import EXPORTERS
+from toolchain.pipeline.recipe import Recipe as _Recipe
+from toolchain.pipeline.registry import EXPORTERS
 
 SECTIONS = [f.name for f in _dc.fields(_Recipe) if f.init]  # the recipe's top-level keys, in order
 
@@ -13,10 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.errors import RecipeError
-from toolchain.recipe import (BenchSection, DataSection, EvalSection, MergeSection, ModelSection, Recipe,
-                              ReportSection, TargetSection, TrainSection, load_recipe)
-from toolchain.schema import describe
+from toolchain.core.errors import RecipeError
+from toolchain.pipeline.recipe import (
+    BenchSection,
+    DataSection,
+    EvalSection,
+    MergeSection,
+    ModelSection,
+    Recipe,
+    ReportSection,
+    TargetSection,
+    TrainSection,
+    load_recipe,
+)
+from toolchain.pipeline.schema import describe
 
 REPO = Path(__file__).resolve().parents[2]
 QUICKSTART = REPO / "examples" / "quickstart.yaml"

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.benchschema import BenchResult, BenchSettings, Quality, Stat
-from toolchain.report import fmt, fmt_pm, write_report
+from toolchain.core.benchschema import BenchResult, BenchSettings, Quality, Stat
+from toolchain.report.render import fmt, fmt_pm, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MIN_PNG_BYTES = 5_000  # a real plot with bars and text; an empty canvas is ~2-3 kB
@@ -160,9 +160,9 @@ def test_number_formatting():
 
 
 def test_webllm_section_shows_the_reference_check_library_and_short_browser_run(tmp_path):
-    from toolchain.gates import verdict
-    from toolchain.report import build_sections
-    from toolchain.report_webllm import collect_webllm
+    from exporters.webllm.report import collect
+    from toolchain.quality.gates import verdict
+    from toolchain.report.render import build_sections
 
     q4 = {"ppl": 20.0, "ref_ppl": 15.0, "kl_mean": 0.46, "kl_max": 3.0, "top1_agreement": 0.67,
           "greedy_match": float("nan"), "greedy_prefix": float("nan"), "tokens": 255, "ppl_delta": 5.0}
@@ -177,7 +177,7 @@ def test_webllm_section_shows_the_reference_check_library_and_short_browser_run(
            "limits": {"greedy_prompts": 2, "greedy_tokens": 8, "prompt_tokens": 16, "gen_tokens": 4},
            "machine": {"browser": {"adapter_info": {"vendor": "google", "architecture": "swiftshader"}}}}
     row["gate"] = verdict("webllm", "q4f32_1", greedy_only)
-    _, sections = build_sections({"run": {"name": "r"}, "bench": [row], "webllm": [collect_webllm(figures)]}, set())
+    _, sections = build_sections({"run": {"name": "r"}, "bench": [row], "webllm": [collect(figures)]}, set())
     section = next(s for s in sections if s[0] == "WebLLM bundle")
     weights, browser = [b for b in section[1] if b[0] == "table"]
     assert weights[2][0][1] == "q4f32_1" and weights[2][0][8] == "pass" and "170 s" in weights[2][0][9]

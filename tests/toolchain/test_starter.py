@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from toolchain.cli import main
-from toolchain.recipe import load_recipe
-from toolchain.starter import QUICKSTART_TARGETS
+from toolchain.cli.init import QUICKSTART_TARGETS
+from toolchain.pipeline.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
-from toolchain import train as train_mod
+from tests.tolerances import TRAINING_EVAL_LOSS
 from toolchain.cli import main
+from toolchain.training import trainer as train_mod
 
 REPO = Path(__file__).resolve().parents[2]
+RECORDED_EVAL_LOSSES = [5.98247, 5.87328, 5.85979, 5.86074]  # 8 steps, eval every 2, seeded, 1 thread
 
 
 def recipe(tmp: Path, model_dir: Path, **train) -> Path:
@@ -67,3 +70,23 @@ def test_early_stopping_ends_training(tmp_path, tiny_model_dir):
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
     assert manifest["figures"]["steps"] < 20 * 6
     assert evals[-1] >= min(evals[:-1])  # it stopped because the last eval did not improve
+
+
+def test_training_lowers_the_eval_loss_to_the_recorded_values(tmp_path, tiny_model_dir):
+    """torchtune-style: the real CLI trains the tiny model and its eval losses are the ones recorded
+    (seeded CPU training), so a change that silently stops learning or changes the loss is caught."""
+    path = recipe(tmp_path, tiny_model_dir, max_steps=8, lr_scheduler="constant", threads=1)
+    assert main(["train", str(path), "--quiet"]) == 0
+    figures = json.loads((tmp_path / "runs" / "t" / "train" / "manifest.json").read_text())["figures"]
+    evals = [h["eval_loss"] for h in figures["log_history"] if "eval_loss" in h]
+    assert evals == pytest.approx(RECORDED_EVAL_LOSSES, rel=TRAINING_EVAL_LOSS.rtol), evals
+    assert evals[-1] < evals[0] - TRAINING_EVAL_LOSS.lo
+
+
+def test_training_uses_cuda_when_present(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert train_mod.device_arguments() == {"use_cpu": False}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert train_mod.device_arguments() == {"use_cpu": True}

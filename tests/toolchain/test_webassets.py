@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from toolchain import webassets
-from toolchain.procenv import package_root, python_env
+from toolchain.core import webassets
+from toolchain.core.procenv import package_root, python_env
 
 REPO = Path(__file__).resolve().parents[2]
 

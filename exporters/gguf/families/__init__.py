@@ -28,9 +28,17 @@ from typing import Callable
 import gguf
 import numpy as np
 
-from exporters.hf import (IGNORED_SUFFIXES, Checkpoint, Rope, TensorMismatchError, positive_int, read_config,  # noqa: F401
-                         read_rope, refuse)
-from toolchain.errors import PreflightError, StageError
+from exporters.hf import (  # noqa: F401
+    IGNORED_SUFFIXES,
+    Checkpoint,
+    Rope,
+    TensorMismatchError,
+    positive_int,
+    read_config,
+    read_rope,
+    refuse,
+)
+from toolchain.core.errors import PreflightError, StageError
 
 from ..tables import ROPE_LINEAR, SUPPORTED_ARCHITECTURES
 

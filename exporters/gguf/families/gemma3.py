@@ -16,8 +16,18 @@ from __future__ import annotations
 import gguf
 
 from ..tables import ROPE_DEFAULT, ROPE_LINEAR
-from . import (Entry, Hparams, add_one, gguf_name, layer_entries, positive_int, read_common, read_rope, refuse,
-               write_common_hparams)
+from . import (
+    Entry,
+    Hparams,
+    add_one,
+    gguf_name,
+    layer_entries,
+    positive_int,
+    read_common,
+    read_rope,
+    refuse,
+    write_common_hparams,
+)
 
 MODEL_TYPES = ("gemma3_text", "gemma3")
 ARCH = gguf.MODEL_ARCH.GEMMA3

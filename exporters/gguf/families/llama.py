@@ -12,8 +12,19 @@ from functools import partial
 import gguf
 
 from ..tables import ROPE_DEFAULT, ROPE_LINEAR, ROPE_LLAMA3
-from . import (Entry, Hparams, decoder_entries, gguf_name, llama3_rope_factors, positive_int, read_common, refuse,
-               rope_interleave, skipped_tied_head, write_hparams_linear_rope)
+from . import (
+    Entry,
+    Hparams,
+    decoder_entries,
+    gguf_name,
+    llama3_rope_factors,
+    positive_int,
+    read_common,
+    refuse,
+    rope_interleave,
+    skipped_tied_head,
+    write_hparams_linear_rope,
+)
 
 MODEL_TYPES = ("llama", "mistral")
 ARCH = gguf.MODEL_ARCH.LLAMA

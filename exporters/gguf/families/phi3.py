@@ -14,8 +14,18 @@ import gguf
 import numpy as np
 
 from ..tables import ROPE_DEFAULT
-from . import (Entry, Hparams, decoder_entries, gguf_name, positive_int, read_common, refuse, require_head_dim_product,
-               skipped_tied_head, write_common_hparams)
+from . import (
+    Entry,
+    Hparams,
+    decoder_entries,
+    gguf_name,
+    positive_int,
+    read_common,
+    refuse,
+    require_head_dim_product,
+    skipped_tied_head,
+    write_common_hparams,
+)
 
 MODEL_TYPES = ("phi3",)
 ARCH = gguf.MODEL_ARCH.PHI3

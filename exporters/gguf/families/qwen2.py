@@ -8,8 +8,16 @@ from __future__ import annotations
 import gguf
 
 from ..tables import ROPE_DEFAULT, ROPE_LINEAR
-from . import (Entry, Hparams, decoder_entries, read_common, refuse, require_head_dim_product, skipped_tied_head,
-               write_hparams_linear_rope)
+from . import (
+    Entry,
+    Hparams,
+    decoder_entries,
+    read_common,
+    refuse,
+    require_head_dim_product,
+    skipped_tied_head,
+    write_hparams_linear_rope,
+)
 
 MODEL_TYPES = ("qwen2",)
 ARCH = gguf.MODEL_ARCH.QWEN2

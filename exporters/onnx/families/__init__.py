@@ -22,7 +22,7 @@ from types import ModuleType
 
 import numpy as np
 
-from toolchain.errors import PreflightError
+from toolchain.core.errors import PreflightError
 
 # model_type (config.json) -> family module under exporters.onnx.families
 FAMILIES: dict[str, str] = {
@@ -74,7 +74,7 @@ class DecoderSpec:
     max_positions: int
     rms_norm_eps: float
     rope_theta: float
-    rope_theta_source: str  # which config key it came from (see DESIGN.md, the rope_theta pitfall)
+    rope_theta_source: str  # which config key it came from (see docs/architecture.md, facts: the rope_theta pitfall)
     tie_word_embeddings: bool
     attention_bias: bool = False  # q/k/v/o projections have biases
     mlp_bias: bool = False

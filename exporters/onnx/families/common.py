@@ -13,7 +13,13 @@ from typing import Callable
 
 import numpy as np
 
-from exporters.hf import IGNORED_SUFFIXES, ROPE_DEFAULT, Checkpoint, positive_int, refuse
+from exporters.hf import (
+    IGNORED_SUFFIXES,
+    ROPE_DEFAULT,
+    Checkpoint,
+    positive_int,
+    refuse,
+)
 from exporters.hf import read_rope as hf_read_rope
 
 from . import DecoderWeights, LayerWeights

@@ -28,7 +28,7 @@ from exporters.hf import ROPE_DEFAULT, Rope, positive_int, refuse
 from exporters.hf import read_rope as hf_read_rope
 
 from . import FULL, LAYER_TYPES, SLIDING, DecoderSpec, DecoderWeights
-from .common import check_model_type, Tensor, linear_tensors, load_decoder, read_common
+from .common import Tensor, check_model_type, linear_tensors, load_decoder, read_common
 from .llama import PROJECTIONS
 
 MODEL_TYPES = ("gemma3_text", "gemma3")

@@ -20,7 +20,7 @@ from exporters.hf import positive_int, refuse
 from exporters.hf import read_rope as hf_read_rope
 
 from . import DecoderSpec, DecoderWeights
-from .common import check_model_type, Tensor, default_rope, load_decoder, read_common
+from .common import Tensor, check_model_type, default_rope, load_decoder, read_common
 
 MODEL_TYPES = ("phi3",)
 LONGROPE_NAMES = ("longrope", "su", "yarn")  # transformers maps all three to longrope for phi3

@@ -12,7 +12,14 @@ from pathlib import Path
 from exporters.hf import positive_int, refuse
 
 from . import FULL, LAYER_TYPES, SLIDING, DecoderSpec, DecoderWeights
-from .common import check_model_type, Tensor, default_rope, linear_tensors, load_decoder, read_common
+from .common import (
+    Tensor,
+    check_model_type,
+    default_rope,
+    linear_tensors,
+    load_decoder,
+    read_common,
+)
 from .llama import NORMS, PROJECTIONS
 
 MODEL_TYPES = ("qwen2",)

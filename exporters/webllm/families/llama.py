@@ -12,8 +12,17 @@ from __future__ import annotations
 
 from exporters.hf import positive_int, refuse
 
-from . import (LINEAR, NORM, Family, Param, apply_overrides, check_heads, context_window, decoder_params,
-               effective_rope_theta)
+from .common import (
+    LINEAR,
+    NORM,
+    Family,
+    Param,
+    apply_overrides,
+    check_heads,
+    context_window,
+    decoder_params,
+    effective_rope_theta,
+)
 
 PREFILL_CAP = 8192  # LlamaConfig.__post_init__: min(context_window_size, 8192)
 ACTIVATIONS = ("silu",)  # mlc-llm's LlamaFFN hard-codes SiLU

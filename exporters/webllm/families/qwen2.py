@@ -11,8 +11,18 @@ from __future__ import annotations
 
 from exporters.hf import positive_int, refuse
 
-from . import (BIAS, LINEAR, NORM, Family, Param, apply_overrides, check_heads, context_window, decoder_params,
-               effective_rope_theta)
+from .common import (
+    BIAS,
+    LINEAR,
+    NORM,
+    Family,
+    Param,
+    apply_overrides,
+    check_heads,
+    context_window,
+    decoder_params,
+    effective_rope_theta,
+)
 
 PREFILL_CAP = 2048  # QWen2Config.__post_init__: min(context_window_size, 2048)
 ACTIVATIONS = ("silu", "swish", "gelu", "gelu_new", "relu")  # mlc-llm's qwen2 ACT2FN keys

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from toolchain.core.files import copy_atomic, write_text_atomic
 
 # The WebGPU target in TVM 0.27's JSON form: device kernels in WGSL, host code for wasm32.
 WEBGPU_TARGET = {"kind": "webgpu", "host": {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}}
@@ -273,16 +274,10 @@ def compile_library(model_type: str, model_config: dict, quant: str, out_wasm: P
             linked = toolchain.link_library(objects, Path(ws) / "lib.wasm", cache_dir=cache_dir)
             link_s = time.perf_counter() - t1
             cached.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cached.with_name(f".{cached.name}.tmp")
-            shutil.copyfile(linked, tmp)
-            tmp.replace(cached)
-        tmp = meta_file.with_name(f".{meta_file.name}.tmp")
-        tmp.write_text(json.dumps(metadata, indent=1))
-        tmp.replace(meta_file)
+            copy_atomic(linked, cached)
+        write_text_atomic(meta_file, json.dumps(metadata, indent=1))
     out_wasm.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_wasm.with_name(f".{out_wasm.name}.tmp")
-    shutil.copyfile(cached, tmp)
-    tmp.replace(out_wasm)
+    copy_atomic(cached, out_wasm)
     return {
         "path": out_wasm,
         "size_bytes": out_wasm.stat().st_size,

@@ -295,7 +295,9 @@ def build_model(model_type: str, model_config: dict[str, Any], spec: Any,
 
 def param_names(model_type: str, model_config: dict[str, Any], spec: Any) -> list[str]:
     """The parameter names in the library's order (the ``_metadata`` params list order)."""
-    from tvm.target import Target  # local: only for the KV cache kernels, never built here
+    from tvm.target import (
+        Target,  # local: only for the KV cache kernels, never built here
+    )
 
     model, _ = build_model(model_type, model_config, spec, Target({"kind": "llvm"}))
     return [name for name, _ in model.named_parameters()]

@@ -29,7 +29,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from toolchain.errors import EdgesmithError
+from toolchain.core.errors import EdgesmithError
+from toolchain.core.files import copy_atomic
 
 SUPPORT_DIR = Path(__file__).resolve().parent / "support"
 
@@ -78,7 +79,7 @@ def _log(msg: str) -> None:
 
 
 def _cache_root() -> Path:
-    from toolchain.webassets import cache_root
+    from toolchain.core.webassets import cache_root
 
     return cache_root() / "webllm"
 
@@ -360,9 +361,7 @@ def export_objects(executable, out_dir: Path) -> list[Path]:
                                      "(fix: build with an llvm host target whose mtriple is "
                                      "wasm32-unknown-unknown-wasm)")
             dst = out_dir / f"{i:02d}-{src.name}"
-            tmp = dst.with_name(f".{dst.name}.tmp")
-            shutil.copyfile(src, tmp)
-            tmp.replace(dst)
+            copy_atomic(src, dst)
             collected.append(dst)
 
     collect.object_format = "o"

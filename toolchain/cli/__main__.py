@@ -1,0 +1,4 @@
+"""``python -m toolchain.cli`` is ``edgesmith``."""
+from toolchain.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The pipeline: the recipe, the registry tables, the plan, the runner and the artifact store."""

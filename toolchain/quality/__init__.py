@@ -1,0 +1,1 @@
+"""Quality gates: how close each target must stay to the reference model."""

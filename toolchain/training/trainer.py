@@ -1,0 +1,179 @@
+"""The shared fine-tuning harness: peft + the transformers Trainer, for every training method.
+
+The Trainer is used (rather than a hand-written loop) so accelerate's launchers, checkpoints and
+resume work as users of Axolotl/TRL expect. The output is a standard PEFT adapter directory
+(adapter_config.json + adapter_model.safetensors + tokenizer) plus the loss history and curve.
+What differs between methods (how the base is loaded, the PEFT config, TrainingArguments overrides,
+the recorded name) comes from the method (``toolchain.training.method``). CUDA is used when present.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+from toolchain.core.chat import pack, tokenize_example
+from toolchain.core.errors import StageError
+from toolchain.pipeline.recipe import DataSection, TrainSection
+from toolchain.training.method import TrainingMethod
+
+
+class PadCollator:
+    """Right-pads input_ids with the pad id, labels with -100, attention_mask with 0."""
+
+    def __init__(self, pad_id: int):
+        self.pad_id = pad_id
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        width = max(len(ex["input_ids"]) for ex in batch)
+        def padded(key, fill):
+            return torch.tensor([ex[key] + [fill] * (width - len(ex[key])) for ex in batch], dtype=torch.long)
+        return {"input_ids": padded("input_ids", self.pad_id), "labels": padded("labels", -100),
+                "attention_mask": padded("attention_mask", 0)}
+
+
+def tokenize_all(examples: list[dict], tokenizer, dcfg: DataSection) -> tuple[list[dict], int]:
+    """Tokenize examples; returns (tokenized, dropped) where dropped had no label left."""
+    out, dropped = [], 0
+    for ex in examples:
+        tok = tokenize_example(ex, tokenizer, dcfg.max_length, dcfg.train_on_prompt)
+        if tok is None or all(label == -100 for label in tok["labels"]):
+            dropped += 1
+            continue
+        out.append(tok)
+    if dcfg.packing:
+        out = pack(out, dcfg.max_length)
+    return out, dropped
+
+
+def train(base_dir: Path, train_examples: list[dict], eval_examples: list[dict], tcfg: TrainSection,
+          dcfg: DataSection, out_dir: Path, method: TrainingMethod, resume: bool = False,
+          progress: bool = True) -> dict:
+    """Train ``method``'s adapter on the base model in ``base_dir``; write it to ``out_dir``."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoTokenizer, EarlyStoppingCallback, TrainingArguments
+
+    if tcfg.threads:
+        torch.set_num_threads(tcfg.threads)
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_tok, dropped_train = tokenize_all(train_examples, tokenizer, dcfg)
+    eval_tok, dropped_eval = tokenize_all(eval_examples, tokenizer, dcfg)
+    if not train_tok:
+        raise StageError("no training example has any token left to learn from after tokenisation "
+                         f"(max_length {dcfg.max_length}); raise data.max_length or check the data")
+
+    model = get_peft_model(method.load_base(base_dir, tcfg), method.adapter_config(tcfg))
+    trainable, total = model.get_nb_trainable_parameters()
+
+    ckpt_dir = Path(out_dir) / "checkpoints"
+    do_eval = tcfg.eval_every != "no" and bool(eval_tok)
+    strategy = tcfg.eval_every if do_eval else "no"
+    # checkpoints follow the eval schedule (early stopping needs them aligned); without eval, each epoch
+    save_strategy = ("epoch" if strategy == "no" else strategy) if tcfg.save_checkpoints else "no"
+    overrides = method.training_arguments(tcfg)
+    args = TrainingArguments(**{**dict(
+        output_dir=str(ckpt_dir), per_device_train_batch_size=tcfg.batch_size,
+        per_device_eval_batch_size=tcfg.batch_size, gradient_accumulation_steps=tcfg.grad_accum,
+        learning_rate=tcfg.learning_rate, lr_scheduler_type=tcfg.lr_scheduler,
+        warmup_steps=tcfg.warmup_ratio, weight_decay=tcfg.weight_decay,
+        num_train_epochs=tcfg.epochs, max_steps=tcfg.max_steps, seed=tcfg.seed, data_seed=tcfg.seed,
+        logging_steps=tcfg.logging_steps, logging_first_step=True,
+        eval_strategy=strategy, eval_steps=tcfg.eval_steps if strategy == "steps" else None,
+        save_strategy=save_strategy, save_steps=tcfg.eval_steps,
+        save_total_limit=2, load_best_model_at_end=bool(tcfg.early_stopping_patience and do_eval),
+        metric_for_best_model="eval_loss", greater_is_better=False,
+        report_to="none", **device_arguments(), dataloader_num_workers=0,
+        disable_tqdm=not progress, remove_unused_columns=False,
+    ), **overrides})
+    callbacks = []
+    if tcfg.early_stopping_patience and do_eval:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=tcfg.early_stopping_patience))
+    trainer = _counting_trainer_class()(model=model, args=args, train_dataset=ListDataset(train_tok),
+                      eval_dataset=ListDataset(eval_tok) if do_eval else None,
+                      data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks)
+    resume_from = _last_checkpoint(ckpt_dir) if resume else None
+    if not resume and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+    t0 = time.perf_counter()
+    result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    wall = time.perf_counter() - t0
+
+    model.save_pretrained(out_dir)
+    from toolchain.core.models import save_tokenizer
+    save_tokenizer(tokenizer, Path(out_dir))
+    history = trainer.state.log_history
+    (Path(out_dir) / "log_history.json").write_text(json.dumps(history, indent=1))
+    from toolchain.report import plots
+    png = plots.loss_png(history)
+    if png:
+        (Path(out_dir) / "loss.png").write_bytes(png)
+    if not tcfg.save_checkpoints and ckpt_dir.exists():
+        shutil.rmtree(ckpt_dir)
+
+    losses = [h["loss"] for h in history if "loss" in h]
+    evals = [h["eval_loss"] for h in history if "eval_loss" in h]
+    final_loss = losses[-1] if losses else float("nan")
+    if not math.isfinite(final_loss):
+        raise StageError(f"training diverged: final loss is {final_loss} (fix: lower train.learning_rate)")
+    return {
+        **method.figures(tcfg), "learning_rate": tcfg.learning_rate, "device": str(model.device),
+        "trainable_parameters": int(trainable), "total_parameters": int(total),
+        "train_examples": len(train_examples), "eval_examples": len(eval_examples),
+        "dropped_examples": dropped_train + dropped_eval, "train_sequences": len(train_tok),
+        "steps": int(trainer.state.global_step), "epochs": float(trainer.state.epoch or 0),
+        "train_tokens": trainer.tokens,
+        "tokens_per_s": trainer.tokens / trainer.seconds if trainer.seconds else float("nan"),
+        "wall_s": wall, "final_loss": final_loss, "eval_loss": evals[-1] if evals else None,
+        "first_loss": losses[0] if losses else None, "resumed_from": str(resume_from) if resume_from else None,
+        "train_runtime_s": result.metrics.get("train_runtime"), "log_history": history,
+    }
+
+
+def device_arguments() -> dict:
+    """CUDA when there is one (the Trainer then places the model there), else the CPU."""
+    import torch
+
+    return {"use_cpu": not torch.cuda.is_available()}
+
+
+class ListDataset:
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+def _last_checkpoint(ckpt_dir: Path) -> Path | None:
+    if not ckpt_dir.is_dir():
+        return None
+    ckpts = sorted(ckpt_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    return ckpts[-1] if ckpts else None
+
+
+def _counting_trainer_class():
+    """A Trainer that counts real (non-pad) training tokens and time spent in training steps."""
+    from transformers import Trainer
+
+    class CountingTrainer(Trainer):
+        tokens = 0
+        seconds = 0.0
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            t = time.perf_counter()
+            loss = super().training_step(model, inputs, *args, **kwargs)
+            self.seconds += time.perf_counter() - t
+            self.tokens += int(inputs["attention_mask"].sum())
+            return loss
+
+    return CountingTrainer
