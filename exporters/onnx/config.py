@@ -50,8 +50,9 @@ ACCURACY_LEVELS = {0: "unset (kernel default)", 1: "fp32", 2: "fp16", 3: "bf16",
 ACTIVATIONS_INT8 = ("dynamic", "static")
 INT8_KERNELS = {
     "nbits": "MatMulNBits 8-bit blocks (native onnxruntime's fastest int8)",
-    "integer": "per-channel int8 weights, DynamicQuantizeLinear + MatMulInteger (standard ONNX ops; what "
-               "onnxruntime-web runs, and transformers.js q8 files use)",
+    "integer": "per-channel int8 weights in [-64, 64] (no int16 saturation on x86 CPUs without VNNI), per-token "
+               "int8 activations, MatMulInteger (standard ONNX ops; what onnxruntime-web runs, and transformers.js "
+               "q8 files use)",
 }
 LM_HEAD = {
     "auto": "int8 for int8 and int4 precisions, the precision's float type otherwise",
