@@ -149,13 +149,16 @@ class OnnxExportConfig:
     @property
     def gate_key(self) -> str:
         """What its export is judged as (toolchain.quality.gates, via the exporter table's ``gates``): the
-        precision, except that int8 through MatMulInteger quantises activations per token, not per block."""
+        precision, except that int8 through MatMulInteger quantises activations per token, not per block,
+        and static int8 uses one calibrated range per linear."""
+        if self.precision == "int8" and self.activations == "static":
+            return "int8-static"
         return "int8-integer" if self.precision == "int8" and self.int8_kernel == "integer" else self.precision
 
     @classmethod
     def gate_keys(cls) -> list[str]:
         """Every gate key these options can produce."""
-        return [*PRECISIONS, "int8-integer"]
+        return [*PRECISIONS, "int8-integer", "int8-static"]
 
     @classmethod
     def coerce(cls, value: "OnnxExportConfig | dict | None") -> "OnnxExportConfig":

@@ -44,7 +44,7 @@ from toolchain.core.errors import PreflightError
 from .config import OnnxExportConfig
 from .families import DecoderSpec, DecoderWeights
 from .graph import GraphBuilder
-from .integer import integer_linear
+from .integer import integer_linear, quantize_per_channel
 from .quant import quantize_blocks
 
 INT64, INT32 = TensorProto.INT64, TensorProto.INT32
@@ -161,11 +161,11 @@ class FusedDecoderGraph:
         lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
         a_scale = np.float32(max(hi - lo, 1e-8) / 255.0)
         a_zero = np.uint8(np.clip(np.round(-lo / a_scale), 0, 255))
-        w_absmax = np.maximum(np.abs(w).max(axis=1), 1e-8)
-        w_scale = (w_absmax / 127.0).astype(np.float32)  # [out]
-        wq = np.clip(np.round(w / w_scale[:, None]), -127, 127).astype(np.int8)
+        # 7-bit weights, as the integer kernel's: full-range uint8 activations times |w| <= 127 saturate the
+        # int16 pair sums of x86 CPUs without VNNI (exporters/onnx/integer.py)
+        wq, w_scale = quantize_per_channel(w)  # [in, out], [out]
         xq = g.op("QuantizeLinear", [x, g.const(a_scale, np.float32), g.const(a_zero, np.uint8)], name=f"{name}/quant_x")
-        y = g.op("MatMulIntegerToFloat", [xq, g.initializer(f"{name}.qweight", np.ascontiguousarray(wq.T)),
+        y = g.op("MatMulIntegerToFloat", [xq, g.initializer(f"{name}.qweight", wq),
                                           g.const(a_scale, np.float32), g.initializer(f"{name}.scales", w_scale),
                                           g.const(a_zero, np.uint8)], name=name, domain=MS)
         self._count("MatMulIntegerToFloat")

@@ -140,6 +140,7 @@ LLAMA_CPP_INSTALL = "edgesmith setup llama-cpp (a portable llama-cpp-python buil
 # gate tiers (toolchain.quality.gates.TIERS) of each precision an exporter can write; the reasons and
 # measured ranges are in the tiers themselves
 ONNX_GATES = {"fp32": "EXACT", "fp16": "HALF_COMPUTE", "int8": "INT8", "int8-integer": "INT8_PER_TOKEN",
+              "int8-static": "INT8_STATIC",
               "int4": "Q4_PLAIN", "int4f16": "Q4_PLAIN"}
 WEBGPU_GATES = {"fp32": "EXACT", "fp16": "HALF_COMPUTE", "int8": "INT8_PER_TOKEN", "int4": "Q4_PLAIN",
                 "int4f16": "Q4_PLAIN"}

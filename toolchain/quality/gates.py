@@ -53,10 +53,17 @@ INT8 = Gate(2e-2, 0.92, 0.05, 0.3, "8-bit blocks: top-1 0.987 on the base model 
             "to +2% on the fine-tuned quickstart model across runs")
 INT8_PER_TOKEN = Gate(8e-2, 0.82, 0.20, 0.3, "int8 weights per channel, int8 activations per token (MatMulInteger: "
                       "what onnxruntime-web runs; it has no 8-bit MatMulNBits): on six fresh quickstart fine-tunes "
-                      "measured KL 0.039-0.050, top-1 0.86-0.92, ΔPPL +3.2% to +11.1% (CPU training is not "
-                      "bit-reproducible). ΔPPL over 255 tokens moves more than KL: the browser and native rows of one "
-                      "file measured +11.1% and +6.3% at KL 0.0387 and 0.0393. The onnx int8 target's MatMulNBits "
-                      "quantises activations per 32-value block and reaches KL 0.005")
+                      "with 8-bit weights measured KL 0.039-0.050, top-1 0.85-0.92, ΔPPL +1.7% to +11.1% (CPU training "
+                      "is not bit-reproducible); with the 7-bit weights every x86 CPU computes alike (no VNNI: 8-bit "
+                      "weights saturated there, KL 0.154 natively), one fine-tune measured KL 0.052 / 0.053, top-1 "
+                      "0.852 / 0.867, ΔPPL +3.5% / +1.1% natively / in the browser. ΔPPL over 255 tokens moves more "
+                      "than KL: the browser and native rows of one file measured +11.1% and +6.3% at KL 0.0387 and "
+                      "0.0393. The onnx int8 target's MatMulNBits quantises activations per 32-value block and "
+                      "reaches KL 0.005")
+INT8_STATIC = Gate(0.15, 0.78, 0.20, 0.2, "int8 activations with one calibrated range per linear (onnx `activations: "
+                   "static`; down_proj keeps dynamic scales), 7-bit weights: on the fine-tuned quickstart model KL 0.075 "
+                   "(an earlier machine, 8-bit weights) and 0.090, top-1 0.848, ΔPPL +9.5%, greedy prefix 0.39 "
+                   "(2026-12-07, AMD EPYC without VNNI; with 8-bit weights there it measured KL 1.97: saturated)")
 K6 = Gate(4e-2, 0.90, 0.06, 0.3, "6-bit k-quant: between Q8_0 and Q5_K_M")
 K5 = Gate(6e-2, 0.85, 0.10, 0.2, "5-bit k-quant: between Q6_K and Q4_K_M")
 Q4_GOOD = Gate(0.15, 0.75, 0.20, 0.0, "4-bit k-quant: top-1 0.92 on the base model (docs/architecture.md, facts); 0.84 (0.88 with imatrix) "
