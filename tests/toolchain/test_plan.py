@@ -124,7 +124,7 @@ def test_a_training_method_plugs_in_with_one_row(tmp_path, monkeypatch):
     monkeypatch.setattr("toolchain.pipeline.recipe.METHODS", registry.METHODS)
     recipe = load_recipe(_with_data(tmp_path, train={"method": "wider"}))
     assert method_for(recipe.train.method).name == "wider"
-    with pytest.raises(RecipeError, match=r"train.method: must be one of lora, wider, got 'widr' \(fix: did you mean"):
+    with pytest.raises(RecipeError, match=r"train.method: must be one of lora, qlora, hft, wider, got 'widr' \(fix: did you mean"):
         load_recipe(_with_data(tmp_path, train={"method": "widr"}))
 
 

@@ -59,12 +59,31 @@ class LoraSection:
     target_modules: list[str] = opt(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                              "gate_proj", "up_proj", "down_proj"],
                                     help="module names to adapt (or [all-linear])")
+    dora: bool = opt(False, help="DoRA: learn a magnitude per output row beside the low-rank direction (peft use_dora)")
+    rslora: bool = opt(False, help="rank-stabilised LoRA: scale alpha / sqrt(rank) instead of alpha / rank")
+
+
+@dataclass
+class QloraSection:
+    quant_type: str = opt("nf4", choices=("nf4", "fp4"), help="4-bit data type of the frozen base (bitsandbytes)")
+    double_quant: bool = opt(True, help="quantise the 4-bit blocks' scales too (saves ~0.4 bit per weight)")
+    compute_dtype: str = opt("auto", choices=("auto", "float32", "bfloat16"),
+                             help="dtype the 4-bit weights are dequantised to per matmul (auto: float32 on CPU, bfloat16 on CUDA)")
+
+
+@dataclass
+class HftSection:
+    fraction: float = opt(0.5, min=0.01, max=1, help="share of the parameter matrices of each layer trained in a round")
+    rounds: int = opt(4, min=1, help="how many times over the run the trained half is redrawn")
+    seed: int = opt(0, help="seed of the draws")
 
 
 @dataclass
 class TrainSection:
     method: str = opt("lora", help="fine-tuning method: a name in the method table (toolchain.pipeline.registry.METHODS)")
-    lora: LoraSection = opt(default_factory=LoraSection, help="LoRA settings")
+    lora: LoraSection = opt(default_factory=LoraSection, help="LoRA settings (lora and qlora)")
+    qlora: QloraSection | None = opt(None, help="the 4-bit base of train.method qlora (defaults when omitted)")
+    hft: HftSection | None = opt(None, help="half fine-tuning settings of train.method hft (defaults when omitted)")
     learning_rate: float = opt(2e-4, min=0, help="peak learning rate")
     lr_scheduler: str = opt("cosine", choices=("linear", "cosine", "constant", "constant_with_warmup"),
                             help="learning-rate schedule")
@@ -87,6 +106,21 @@ class TrainSection:
             close = difflib.get_close_matches(str(self.method), METHODS.names(), n=1)
             yield ("method", f"must be one of {', '.join(METHODS.names())}", self.method,
                    f"did you mean `{close[0]}`?" if close else f"set it to one of: {', '.join(METHODS.names())}")
+        elif METHODS.get(self.method).missing():
+            entry = METHODS.get(self.method)
+            yield ("method", f"{self.method} needs {', '.join(entry.missing())}, which is not installed", self.method,
+                   entry.install_hint())
+        if self.qlora is not None and self.method != "qlora":
+            yield ("qlora", f"configures the 4-bit base of method qlora, but train.method is {self.method}",
+                   "qlora: {...}", "set train.method: qlora, or remove train.qlora"
+                   + (" (half fine-tuning trains full-precision weights; it cannot train a 4-bit base)"
+                      if self.method == "hft" else ""))
+        if self.hft is not None and self.method != "hft":
+            yield ("hft", f"configures method hft, but train.method is {self.method}", "hft: {...}",
+                   "set train.method: hft, or remove train.hft")
+        if self.method == "hft" and (self.lora.dora or self.lora.rslora):
+            yield ("lora.dora" if self.lora.dora else "lora.rslora", "is a LoRA option; half fine-tuning trains no adapter",
+                   True, "remove it, or set train.method: lora")
         if self.max_steps == 0 or self.max_steps < -1:
             yield "max_steps", "must be -1 (use epochs) or a positive integer", self.max_steps, "set -1 or N > 0"
         if self.max_steps == -1 and self.epochs <= 0:
@@ -98,6 +132,9 @@ class TrainSection:
 @dataclass
 class MergeSection:
     dtype: str = opt("float32", choices=("float32", "bfloat16", "float16"), help="dtype of the merged checkpoint")
+    qlora_into: str = opt("dequantized", choices=("dequantized", "original"),
+                          help="QLoRA: merge into the dequantised 4-bit weights the adapter was trained against, "
+                               "or into the original full-precision weights (both are measured)")
 
 
 @dataclass
@@ -205,9 +242,17 @@ class Recipe:
             if t.name in seen:
                 yield f"targets[{i}].name", f"repeats targets[{seen[t.name]}].name", t.name, "give each target a unique name"
             seen[t.name] = i
-            if t.format in EXPORTERS and "adapter" in EXPORTERS.get(t.format).needs and self.data is None:
-                yield (f"targets[{i}].format", f"{t.format} exports the fine-tuned adapter, which needs a `data` section",
-                       t.format, "add data: {path: ...} or remove this target")
+            if t.format in EXPORTERS and "adapter" in EXPORTERS.get(t.format).needs:
+                if self.data is None:
+                    yield (f"targets[{i}].format", f"{t.format} exports the fine-tuned adapter, which needs a `data` section",
+                           t.format, "add data: {path: ...} or remove this target")
+                elif self.train.method not in ("lora", "qlora"):
+                    yield (f"targets[{i}].format", f"{t.format} exports a LoRA adapter; train.method {self.train.method} "
+                           "trains none", t.format, "use a merged-model format (gguf, onnx, ...) or train.method: lora")
+                elif self.train.lora.dora:
+                    yield (f"targets[{i}].format", f"{t.format} cannot carry a DoRA adapter (llama.cpp applies only "
+                           "A and B, not DoRA's magnitudes)", t.format,
+                           "use the merged model (format gguf), or set train.lora.dora: false")
 
     @property
     def base_dir(self) -> Path:

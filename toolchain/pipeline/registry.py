@@ -100,9 +100,20 @@ class MethodEntry:
     name: str
     target: str  # "module:attribute": a toolchain.training.method.TrainingMethod
     summary: str
-    requires: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()  # importable modules it needs
+    extra: str | None = None  # pip extra that installs them: pip install 'edgesmith[extra]'
+
+    def missing(self) -> list[str]:
+        return [m for m in self.requires if importlib.util.find_spec(m) is None]
+
+    def install_hint(self) -> str:
+        return f"pip install 'edgesmith[{self.extra}]'" if self.extra else f"pip install {' '.join(self.missing())}"
 
     def load(self):
+        missing = self.missing()
+        if missing:
+            raise EdgesmithError(f"training method {self.name!r} needs {', '.join(missing)}, which is not installed "
+                                 f"(fix: {self.install_hint()})")
         return _resolve(self.target)
 
 
@@ -228,7 +239,11 @@ STAGES = Registry("stage", [
 ])
 
 METHODS = Registry("training method", [
-    MethodEntry("lora", "toolchain.training.lora:METHOD", "LoRA adapters on the full-precision base (peft)"),
+    MethodEntry("lora", "toolchain.training.lora:METHOD", "LoRA adapters on the full-precision base (peft); DoRA and rsLoRA as options"),
+    MethodEntry("qlora", "toolchain.training.qlora:METHOD", "LoRA adapters on a 4-bit (NF4/FP4) base (peft + bitsandbytes)",
+                requires=("bitsandbytes",), extra="qlora"),
+    MethodEntry("hft", "toolchain.training.hft:METHOD",
+                "half fine-tuning: full-parameter training of half the matrices, redrawn each round (arXiv 2404.18466)"),
 ])
 
 

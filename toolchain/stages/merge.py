@@ -14,12 +14,12 @@ from toolchain.pipeline.recipe import Recipe
 def plan(recipe: Recipe, state: PlanState) -> list[Stage]:
     if not state.has("train"):
         return []
-    return [Stage("merge", "merge", [BASE, "train"], asdict(recipe.merge), run, "merge the adapter",
-                  roles={"base": BASE, "train": "train"})]
+    return [Stage("merge", "merge", [BASE, "train", "data"], asdict(recipe.merge), run, "merge the adapter",
+                  roles={"base": BASE, "train": "train", "data": "data"})]
 
 
 def run(ctx: Context, inputs: dict, out: Path) -> dict:
     from toolchain.training.method import method_for
 
     method = method_for(ctx.recipe.train.method)
-    return method.merge(inputs["base"].path, inputs["train"].path, out, ctx.recipe.merge.dtype)
+    return method.merge(inputs["base"].path, inputs["train"].path, out, ctx.recipe, inputs["data"].path)

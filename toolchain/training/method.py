@@ -1,11 +1,12 @@
 """What a fine-tuning method decides, and the shared Trainer harness does not.
 
-A method (``lora`` today; QLoRA, DoRA, half fine-tuning plug in as one module each plus one row of
-``toolchain.pipeline.registry.METHODS``) answers four questions: how the base model is loaded for
-training, which PEFT config wraps it, what it changes in the TrainingArguments, and how its adapter
-is merged into a full-precision model; and it names itself in the train manifest. Everything else
-(tokenisation, the Trainer, checkpoints, resume, early stopping, the loss history and plot) is
-``toolchain.training.trainer``'s, shared by every method.
+A method (``lora``, ``qlora``, ``hft``: one module each plus one row of
+``toolchain.pipeline.registry.METHODS``) answers these questions: how the base model is loaded for
+training, what wraps it for training (a PEFT config by default; half fine-tuning freezes parameters
+instead), which callbacks it adds to the Trainer, what it changes in the TrainingArguments, what it
+saves, and how its result is merged into a full-precision model; and it names itself in the train
+manifest. Everything else (tokenisation, batching, the Trainer, checkpoints, resume, early stopping,
+the loss history and plot) is ``toolchain.training.trainer``'s, shared by every method.
 """
 from __future__ import annotations
 
@@ -27,6 +28,20 @@ class TrainingMethod:
         """The PEFT config wrapped around the base model."""
         raise NotImplementedError
 
+    def wrap(self, model, tcfg):
+        """The model the Trainer trains: the base wrapped in the method's PEFT adapter by default."""
+        from peft import get_peft_model
+
+        return get_peft_model(model, self.adapter_config(tcfg))
+
+    def callbacks(self, model, tcfg) -> list:
+        """TrainerCallbacks the method needs (none by default)."""
+        return []
+
+    def save(self, model, out_dir: Path) -> None:
+        """Write the training result to ``out_dir`` (the PEFT adapter by default)."""
+        model.save_pretrained(out_dir)
+
     def training_arguments(self, tcfg) -> dict:
         """Overrides of the TrainingArguments the harness builds (none by default)."""
         return {}
@@ -35,11 +50,14 @@ class TrainingMethod:
         """What the train manifest records about the method (its name and settings)."""
         return {"method": self.name}
 
-    def merge(self, base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str) -> dict:
-        """The adapter merged into a full-precision copy of the base (``toolchain.training.merge``)."""
+    def merge(self, base_dir: Path, adapter_dir: Path, out_dir: Path, recipe, data_dir: Path | None = None) -> dict:
+        """The adapter merged into a full-precision copy of the base (``toolchain.training.merge``).
+
+        ``recipe`` gives the merge settings (``recipe.merge``) and the data settings; ``data_dir`` is the
+        data stage's output (train.jsonl, eval.jsonl) for methods that measure their merge."""
         from toolchain.training.merge import merge
 
-        return merge(base_dir, adapter_dir, out_dir, dtype)
+        return merge(base_dir, adapter_dir, out_dir, recipe.merge.dtype)
 
 
 def method_for(name: str) -> TrainingMethod:

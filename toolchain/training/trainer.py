@@ -55,7 +55,6 @@ def train(base_dir: Path, train_examples: list[dict], eval_examples: list[dict],
           progress: bool = True) -> dict:
     """Train ``method``'s adapter on the base model in ``base_dir``; write it to ``out_dir``."""
     import torch
-    from peft import get_peft_model
     from transformers import AutoTokenizer, EarlyStoppingCallback, TrainingArguments
 
     if tcfg.threads:
@@ -69,8 +68,12 @@ def train(base_dir: Path, train_examples: list[dict], eval_examples: list[dict],
         raise StageError("no training example has any token left to learn from after tokenisation "
                          f"(max_length {dcfg.max_length}); raise data.max_length or check the data")
 
-    model = get_peft_model(method.load_base(base_dir, tcfg), method.adapter_config(tcfg))
-    trainable, total = model.get_nb_trainable_parameters()
+    model = method.wrap(method.load_base(base_dir, tcfg), tcfg)
+    if hasattr(model, "get_nb_trainable_parameters"):  # peft counts a 4-bit base's packed weights right
+        trainable, total = model.get_nb_trainable_parameters()
+    else:
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in model.parameters())
 
     ckpt_dir = Path(out_dir) / "checkpoints"
     do_eval = tcfg.eval_every != "no" and bool(eval_tok)
@@ -92,7 +95,7 @@ def train(base_dir: Path, train_examples: list[dict], eval_examples: list[dict],
         report_to="none", **device_arguments(), dataloader_num_workers=0,
         disable_tqdm=not progress, remove_unused_columns=False,
     ), **overrides})
-    callbacks = []
+    callbacks = list(method.callbacks(model, tcfg))
     if tcfg.early_stopping_patience and do_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=tcfg.early_stopping_patience))
     trainer = _counting_trainer_class()(model=model, args=args, train_dataset=ListDataset(train_tok),
@@ -105,7 +108,7 @@ def train(base_dir: Path, train_examples: list[dict], eval_examples: list[dict],
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - t0
 
-    model.save_pretrained(out_dir)
+    method.save(model, Path(out_dir))
     from toolchain.core.models import save_tokenizer
     save_tokenizer(tokenizer, Path(out_dir))
     history = trainer.state.log_history
