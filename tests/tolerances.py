@@ -70,6 +70,17 @@ ADAPTER_EFFECT = Tier(lo=1e-2, why=(
     "a random LoRA adapter with non-zero B (init_lora_weights=False) must move the merged model's logits by "
     "far more than rounding noise (MERGED_VS_ADAPTER's 1e-4), so the merge comparison is not a model against "
     "itself; the value of the bound is not recorded beyond that, kept as found."))
+# merged vs unmerged per adapter kind (tests/toolchain/test_lora_options.py, test_tied.py)
+LORA_MERGE = Tier(rtol=1e-4, kl=1e-10, why=(
+    "lora, DoRA and rsLoRA merged in fp32 against the unmerged PeftModel on the tiny tied llama (rank 4, B drawn "
+    "N(0, 0.5), DoRA magnitudes * (1 + 0.3 N(0,1))): rtol bounds max |Δlogit| / max |logit|, measured 2e-7 (dora) "
+    "to 8.6e-6 (rslora), 1.4e-5 with another draw; kl the mean KL, measured 1.3e-15 to 3.2e-14. One tier for the three kinds: the same fp32 "
+    "reassociation (DoRA adds one division by a row norm). A doubled delta or a scale of alpha / r for rsLoRA is "
+    "off by the adapter's effect (MERGE_ADAPTER_EFFECT)."))
+MERGE_ADAPTER_EFFECT = Tier(lo=0.05, why=(
+    "those adapters must move the merged model's logits away from the base's by far more than LORA_MERGE's "
+    "rounding: max |Δlogit| / max |logit| measured 1.09 (lora), 0.54 (dora), 1.13 (rslora), mean KL 0.009-0.027, so a merge check that "
+    "compared a model with itself, or dropped the adapter, fails."))
 
 # --- ONNX precisions (tests/exporters/test_onnx_precisions.py) -------------------------------------
 # int4/int8 block codecs against numpy and against transformers on the same dequantised weights
@@ -276,9 +287,66 @@ TRAINING_EVAL_LOSS = Tier(rtol=1e-3, lo=0.05, why=(
     "lo: the least the last eval loss must sit below the first (measured 0.122); a run that stops learning "
     "(frozen adapter, labels all -100, learning rate lost) stays near 5.98."))
 
+# --- padding-free packing (tests/toolchain/test_packing.py) -----------------------------------------
+PACKED_VS_UNPACKED_LOGITS = Tier(atol=1e-4, rtol=1e-4, why=(
+    "fp32 logits of an example inside a packed row (block-diagonal mask from restarting position ids) "
+    "against the example run alone, tiny random Llama, sdpa and eager: only the summation order differs "
+    "(measured max |diff| 1.8e-7 sdpa, 0 eager); one token attending across examples moves them by > 1e-2 "
+    "(the naive-packing control in the test)."))
+PACKED_LEAK_EFFECT = Tier(lo=1e-2, why=(
+    "the least max |logit change| that shows an effect in the packing test: the changed example's own logits "
+    "and, in the control, a later example's logits when positions do not restart (attention leaks across "
+    "examples); measured 1.60 (own) and 0.49 (leak) on sdpa and eager, against 1.8e-7 for summation-order noise."))
+PACKED_VS_UNPACKED_LOSS = Tier(atol=1e-5, rtol=1e-5, why=(
+    "the token-weighted mean loss (and its gradient) of a packed row and of the same examples padded, against "
+    "the model's own per-example losses weighted by their label tokens, fp32: summation order only XX; a wrong normaliser (per-example mean, a pad or boundary token counted) is off by > 1e-2."))
+PACKED_VS_PADDED_TRAINING = Tier(atol=3e-4, why=(
+    "logged train losses and the eval loss of the harness trained 3 seeded steps (lr 1e-4) with data.packing on "
+    "and off (same examples per step). Adam's first steps divide each gradient coordinate by its own size, so "
+    "summation-order noise (~6e-8) in coordinates that are near zero (LoRA A's gradients while B = 0) becomes "
+    "a step of ~lr: measured max |diff| 9e-5 at lr 1e-4 and 1e-3 at lr 1e-3, scaling with lr; padded to a fixed "
+    "width it matched packing bit for bit, so the layout, not the maths, differs. Consecutive steps' losses "
+    "differ by > 0.02, so a step that saw other examples is caught."))
+
 # --- int8 integer kernel saturation (tests/exporters/test_onnx_precisions.py) -----------------------
 INT8_WORST_CASE_LINEAR = Tier(rtol=1e-6, why=(
     "one int8 integer linear with every activation and weight at the top of its range (exactly representable "
     "in the 7-bit weight / per-token activation grid): native onnxruntime must return x @ w.T up to float "
     "rounding of the two rescales (~1e-7 relative); with the former 8-bit weights an AVX2 CPU without VNNI "
     "saturates the int16 pair sums and is off by tens of percent"))
+
+# --- training on several processes (tests/toolchain/test_distributed.py) ----------------------------
+DDP_ADAPTER_ADAMW = Tier(atol=2e-5, why=(
+    "the LoRA adapter after 3 AdamW steps (lr 1e-2) of 2 gloo ranks at batch 4 against 1 process at batch 8, "
+    "same examples per step, same initial adapter: only the summation order differs (each rank pads to its "
+    "own longest example, the all-reduce adds two half-batch gradients); Adam's division by sqrt(v) "
+    "magnifies that rounding in small gradient entries. Measured max |diff| 1.65e-6 on weights up to ~0.5 "
+    "(lora_B up to 0.03). Adam is nearly blind to the gradient's scale, so DDP_ADAPTER_SGD checks that."))
+DDP_ADAPTER_SGD = Tier(atol=2e-6, why=(
+    "the same comparison with plain SGD (lr 2, no clipping), where the update is proportional to the "
+    "gradient: measured max |diff| 1.3e-7. A loss not scaled back up for DDP's gradient average (half the "
+    "gradient on 2 ranks) gives 0.30."))
+DDP_ADAPTER_SGD_EFFECT = Tier(lo=0.05, why=(
+    "max |lora_B| of the single-process SGD adapter (it starts at 0): the update must be large against "
+    "DDP_ADAPTER_SGD's bound for a wrong gradient scale to show; measured 0.26."))
+
+# --- half fine-tuning (tests/toolchain/test_hft.py) --------------------------------------------------
+HFT_MERGED_RELOAD = Tier(atol=1e-6, why=(
+    "hft's merged model is the trained full model saved again (float32, or cast to merge.dtype): its logits "
+    "reloaded against the trained model's (cast the same way), fp32 compute, same process and kernels, tiny "
+    "random Llama: the same weights, so measured 0.0; a lost or untied LM head, or a frozen/trained mix-up, "
+    "moves these logits by O(0.1)."))
+
+# --- QLoRA merge (tests/toolchain/test_qlora.py) -----------------------------------------------------
+QLORA_DEQUANTIZED_MERGE = Tier(kl=1e-9, top1=1.0, rtol=1e-5, why=(
+    "the QLoRA merge into dequant(quant(W)) against the model as trained (4-bit base + unmerged adapter, float32 "
+    "compute). bitsandbytes' CPU path dequantises the weight and runs a dense float32 matmul (measured: its "
+    "Linear4bit output equals x @ dequantize_4bit(W4).T exactly, and re-quantising W gives the same codes), so "
+    "only summation order differs: measured mean KL 8e-16 to 1.1e-13, top-1 1.0, max |Δlogit| / max |logit| "
+    "2.3e-7 to 3.4e-7 on tiny tied Llamas (default and unit-scale weights, LoRA and DoRA). rtol is that last "
+    "ratio's bound. Merging into the original W instead measures KL 3.5e-5 (default init) to 1.7e-3 (unit scale)."))
+QLORA_ORIGINAL_MERGE_EFFECT = Tier(lo=1e-4, why=(
+    "the least mean KL(as trained || merge into the original W) that shows the 4-bit rounding the adapter was "
+    "trained on: measured 1.5e-3 (LoRA) and 1.7e-3 (DoRA) on the unit-scale tiny tied Llama after 4 steps, "
+    "against 3e-14 to 1.1e-13 for the dequantised merge: a merge that silently used the original weights "
+    "for both candidates (or the dequantised ones) sits 9 orders of magnitude away."))

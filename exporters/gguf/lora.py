@@ -30,12 +30,7 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, tuple[np.ndarray, n
     """(adapter_config, {hf weight name: (A, B)}) from a PEFT adapter directory."""
     from safetensors.numpy import load_file
 
-    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise PreflightError(f"adapter_config.json: peft_type must be LORA, got {cfg.get('peft_type')!r}")
-    if cfg.get("use_dora"):
-        raise PreflightError("adapter_config.json: DoRA adapters cannot be applied by llama.cpp at load time "
-                             "(fix: export the merged model with the `gguf` target instead)")
+    cfg = read_adapter_config(adapter_dir)
     tensors = load_file(str(adapter_dir / "adapter_model.safetensors"))
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for name, t in tensors.items():
@@ -52,6 +47,21 @@ def read_adapter(adapter_dir: Path) -> tuple[dict, dict[str, tuple[np.ndarray, n
     if broken:
         raise PreflightError(f"adapter lacks the A or B half of {broken[:3]}")
     return cfg, {n: (p["A"], p["B"]) for n, p in pairs.items()}
+
+
+def read_adapter_config(adapter_dir: Path) -> dict:
+    """adapter_config.json, refused unless llama.cpp can apply the adapter as it is (plain LoRA A/B pairs)."""
+    path = Path(adapter_dir) / "adapter_config.json"
+    if not path.is_file():
+        raise PreflightError(f"gguf-lora: {path} is missing; the adapter folder must be a PEFT LoRA adapter")
+    cfg = json.loads(path.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise PreflightError(f"{path}: peft_type must be LORA, got {cfg.get('peft_type')!r}")
+    if cfg.get("use_dora"):
+        raise PreflightError(f"{path}: use_dora is true, and llama.cpp applies only a LoRA's A and B at load time, "
+                             "not DoRA's per-row magnitudes, so the gguf-lora target cannot carry this adapter "
+                             "(fix: export the merged model with format gguf, or train with train.lora.dora: false)")
+    return cfg
 
 
 def effective_alpha(cfg: dict, rank: int) -> float:
@@ -119,6 +129,7 @@ def export(model_dir, out_dir, options: dict | None = None, adapter_dir: Path | 
     cfg = GgufLoraConfig(**(options or {}))
     if adapter_dir is None or base_dir is None:
         raise PreflightError("gguf-lora needs the trained adapter and the base model (a recipe with `data`)")
+    read_adapter_config(Path(adapter_dir))  # refuse a DoRA adapter before the base GGUF is written
     out_dir = Path(out_dir)
     base_name = f"base-{cfg.base_type}.gguf"
     base = write_gguf(Path(base_dir), out_dir / base_name, out_type=cfg.base_type)

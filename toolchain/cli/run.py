@@ -8,6 +8,7 @@ import sys
 import yaml
 
 from toolchain.cli.exitcodes import EXIT_GATE, EXIT_OK
+from toolchain.core import dist
 from toolchain.core.errors import EdgesmithError
 
 
@@ -54,6 +55,13 @@ def cmd_pipeline(args, until: str | None) -> int:
         until = None
     stages = select(runner.stages, until=until, only=only)
     force = set(args.force)
+    if not dist.is_main():  # a launcher's other rank: it trains with rank 0 and prints nothing of the run
+        try:
+            if not args.dry_run:
+                runner.execute(stages, force)
+        finally:
+            dist.leave()
+        return EXIT_OK
     if args.dry_run:
         print(f"plan for {recipe.name} -> {runner.run_dir}")
         for i, step in enumerate(runner.decide(stages, force), 1):
@@ -61,7 +69,10 @@ def cmd_pipeline(args, until: str | None) -> int:
             why = f" ({step.reason})" if step.reason else ""
             print(f"  {i:2d}. {step.stage.id:<34} {step.status.upper():<7} {step.stage.summary}{why}  [{where}]")
         return 0
-    steps = runner.execute(stages, force)
+    try:
+        steps = runner.execute(stages, force)
+    finally:
+        dist.leave()  # a launcher's process group, when there is one (rank 0 has left it after training)
     ran = sum(1 for s in steps if s.status == "run")
     print(f"{len(steps)} stages: {ran} ran, {len(steps) - ran} reused. Outputs in {runner.run_dir}")
     report = runner.run_dir / "report.html"

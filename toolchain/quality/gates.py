@@ -98,6 +98,20 @@ Q2_K = Gate(0.85, 0.50, 0.90, 0.0, "2-bit k-quant: near the edge of usable on a 
             "(2026-12-07) KL 0.54 / 0.34, top-1 0.61 / 0.70, ΔPPL +54% / +10.5% without / with the importance matrix "
             "(use it with one); a broken export still scores far worse (top-1 below 0.3, KL above 1)")
 
+# The QLoRA merge (toolchain.training.qlora_merge) judges its float32 candidate against the model as
+# trained (4-bit base + unmerged adapter) on the eval split; no greedy runs there (greedy_prefix unmeasured).
+QLORA_MERGE = Gate(1e-6, 0.999, 1e-4, 0.0, "merge into dequant(quant(W)), the weights the adapter was trained "
+                   "against: the same function in float32, only summation order differs (bitsandbytes' CPU path "
+                   "computes x @ dequant(W4).T exactly). Measured KL 1.9e-11, top-1 1.0, eval loss equal to 6 digits "
+                   "on the QLoRA quickstart (SmolLM2-135M, nf4, 30 steps, 32 eval rows, 2026-12-07) and KL 8e-16 to "
+                   "1.1e-13 on tiny test models; the original-weights merge of the same adapter measured KL 1.01")
+QLORA_MERGE_ORIGINAL = Gate(2.0, 0.55, 0.5, 0.0, "merge.qlora_into: original adds the adapter to W, not to the "
+                            "4-bit weights it was trained on, so it carries nf4's rounding (mean |W - dequant(W4)| / "
+                            "mean |W| 0.094 on SmolLM2): measured KL 1.01, top-1 0.71, ΔPPL +0.4% on the labelled "
+                            "answer tokens on one QLoRA quickstart run (2026-12-07; the prompts' tokens move most). "
+                            "One run only: the bounds leave room for another fine-tune and still catch a merge "
+                            "that lost the adapter or the scale of the weights (top-1 far below 0.5)")
+
 # tier name -> gate; which precision of which format a tier judges is the exporter table's (its
 # ``gates`` column in toolchain.pipeline.registry.EXPORTERS), so a format owns its facts
 TIERS: dict[str, Gate] = {name: g for name, g in globals().items() if isinstance(g, Gate)}

@@ -91,6 +91,20 @@ def _train_section(train: dict, have_plot: bool) -> tuple:
     return ("Training", blocks)
 
 
+def _qlora_merge_section(q: dict) -> tuple:
+    """Both QLoRA merge candidates against the model as trained (toolchain.training.qlora_merge)."""
+    cands = q.get("candidates") if isinstance(q.get("candidates"), dict) else {}
+    rows = []
+    for name, c in cands.items():
+        c = c if isinstance(c, dict) else {}
+        rows.append([name + (" (written)" if name == q.get("chosen") else ""), fmt(c.get("kl_mean"), ".3g"),
+                     fmt_pct(c.get("top1_agreement")), fmt(c.get("eval_loss"), ".4f"), _gate_cell(c)])
+    rows.append(["as trained (4-bit base + adapter)", DASH, DASH, fmt(q.get("trained_eval_loss"), ".4f"), DASH])
+    return ("QLoRA merge", [("table", ["Candidate", "KL vs as trained", "Top-1", "Eval loss", "Gate"], rows, "lrrrl"),
+                            ("p", f"{fmt_value(q.get('reason'))}; {fmt_value(q.get('rows'))} eval rows. "
+                                  f"{fmt_value(q.get('other_differs_because'))}")])
+
+
 def _task_section(task: dict, have_plot: bool) -> tuple:
     metric = str(task.get("metric") or "metric")
     before, after = _num(task.get("before")), _num(task.get("after"))
@@ -307,6 +321,8 @@ def build_sections(data: dict, have: set[str]) -> tuple[str, list[tuple]]:
         sections.append(_model_section(data["model"]))
     if isinstance(data.get("train"), dict):
         sections.append(_train_section(data["train"], "loss" in have))
+    if isinstance(data.get("qlora_merge"), dict):
+        sections.append(_qlora_merge_section(data["qlora_merge"]))
     if isinstance(data.get("task"), dict):
         sections.append(_task_section(data["task"], "task" in have))
     targets, bench = _dicts(data.get("targets")), _dicts(data.get("bench"))

@@ -16,6 +16,10 @@ from pathlib import Path
 class TrainingMethod:
     name = "?"
     summary = ""
+    # True for a method that changes which parameters train during the run (hft redraws its half each
+    # round): the harness then builds the optimizer over every parameter, frozen ones included (a frozen
+    # parameter has no gradient, so AdamW neither updates nor decays it)
+    optimizer_holds_frozen = False
 
     def load_base(self, base_dir: Path, tcfg):
         """The base model to train on (full precision by default)."""

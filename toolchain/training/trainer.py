@@ -14,26 +14,12 @@ import shutil
 import time
 from pathlib import Path
 
-from toolchain.core.chat import pack, tokenize_example
+from toolchain.core import dist
+from toolchain.core.chat import tokenize_example
 from toolchain.core.errors import StageError
 from toolchain.pipeline.recipe import DataSection, TrainSection
+from toolchain.training.batching import collator_for, real_tokens
 from toolchain.training.method import TrainingMethod
-
-
-class PadCollator:
-    """Right-pads input_ids with the pad id, labels with -100, attention_mask with 0."""
-
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
-
-    def __call__(self, batch: list[dict]) -> dict:
-        import torch
-
-        width = max(len(ex["input_ids"]) for ex in batch)
-        def padded(key, fill):
-            return torch.tensor([ex[key] + [fill] * (width - len(ex[key])) for ex in batch], dtype=torch.long)
-        return {"input_ids": padded("input_ids", self.pad_id), "labels": padded("labels", -100),
-                "attention_mask": padded("attention_mask", 0)}
 
 
 def tokenize_all(examples: list[dict], tokenizer, dcfg: DataSection) -> tuple[list[dict], int]:
@@ -45,9 +31,7 @@ def tokenize_all(examples: list[dict], tokenizer, dcfg: DataSection) -> tuple[li
             dropped += 1
             continue
         out.append(tok)
-    if dcfg.packing:
-        out = pack(out, dcfg.max_length)
-    return out, dropped
+    return out, dropped  # data.packing packs each batch's examples in the collator (training/batching.py)
 
 
 def train(base_dir: Path, train_examples: list[dict], eval_examples: list[dict], tcfg: TrainSection,
@@ -92,33 +76,40 @@ def train(base_dir: Path, train_examples: list[dict], eval_examples: list[dict],
         save_strategy=save_strategy, save_steps=tcfg.eval_steps,
         save_total_limit=2, load_best_model_at_end=bool(tcfg.early_stopping_patience and do_eval),
         metric_for_best_model="eval_loss", greater_is_better=False,
-        report_to="none", **device_arguments(), dataloader_num_workers=0,
+        report_to="none", **device_arguments(), **launch_arguments(tcfg), dataloader_num_workers=0,
         disable_tqdm=not progress, remove_unused_columns=False,
+        train_sampling_strategy="group_by_length" if tcfg.group_by_length else "random",
     ), **overrides})
     callbacks = list(method.callbacks(model, tcfg))
     if tcfg.early_stopping_patience and do_eval:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=tcfg.early_stopping_patience))
     trainer = _counting_trainer_class()(model=model, args=args, train_dataset=ListDataset(train_tok),
                       eval_dataset=ListDataset(eval_tok) if do_eval else None,
-                      data_collator=PadCollator(tokenizer.pad_token_id), callbacks=callbacks)
+                      data_collator=collator_for(dcfg.packing, tokenizer.pad_token_id), callbacks=callbacks)
+    trainer.optimizer_holds_frozen = method.optimizer_holds_frozen
     resume_from = _last_checkpoint(ckpt_dir) if resume else None
-    if not resume and ckpt_dir.exists():
+    if not resume and ckpt_dir.exists() and dist.is_main():
         shutil.rmtree(ckpt_dir)
     t0 = time.perf_counter()
     result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     wall = time.perf_counter() - t0
 
-    method.save(model, Path(out_dir))
-    from toolchain.core.models import save_tokenizer
-    save_tokenizer(tokenizer, Path(out_dir))
+    trainer.tokens = _sum_over_ranks(trainer, trainer.tokens)  # every rank's real tokens (one process: its own)
     history = trainer.state.log_history
-    (Path(out_dir) / "log_history.json").write_text(json.dumps(history, indent=1))
-    from toolchain.report import plots
-    png = plots.loss_png(history)
-    if png:
-        (Path(out_dir) / "loss.png").write_bytes(png)
-    if not tcfg.save_checkpoints and ckpt_dir.exists():
-        shutil.rmtree(ckpt_dir)
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:  # weights sharded over the ranks:
+        trainer.save_model(str(out_dir))  # every rank takes part, the Trainer writes on rank 0
+    elif dist.is_main():
+        method.save(model, Path(out_dir))
+    if dist.is_main():  # under a launcher only rank 0 writes (the other ranks' out_dir is rank 0's)
+        from toolchain.core.models import save_tokenizer
+        save_tokenizer(tokenizer, Path(out_dir))
+        (Path(out_dir) / "log_history.json").write_text(json.dumps(history, indent=1))
+        from toolchain.report import plots
+        png = plots.loss_png(history)
+        if png:
+            (Path(out_dir) / "loss.png").write_bytes(png)
+        if not tcfg.save_checkpoints and ckpt_dir.exists():
+            shutil.rmtree(ckpt_dir)
 
     losses = [h["loss"] for h in history if "loss" in h]
     evals = [h["eval_loss"] for h in history if "eval_loss" in h]
@@ -136,6 +127,10 @@ def train(base_dir: Path, train_examples: list[dict], eval_examples: list[dict],
         "wall_s": wall, "final_loss": final_loss, "eval_loss": evals[-1] if evals else None,
         "first_loss": losses[0] if losses else None, "resumed_from": str(resume_from) if resume_from else None,
         "train_runtime_s": result.metrics.get("train_runtime"), "log_history": history,
+        # what the launcher and accelerate made of it: accelerate has FSDP and DeepSpeed on GPUs only (on CPU
+        # processes train.fsdp trains with DDP), so the manifest says which ran
+        "ranks": dist.world_size(), "parallel": "fsdp" if trainer.is_fsdp_enabled else "deepspeed"
+        if trainer.is_deepspeed_enabled else "ddp" if dist.is_distributed() else "none",
     }
 
 
@@ -143,7 +138,26 @@ def device_arguments() -> dict:
     """CUDA when there is one (the Trainer then places the model there), else the CPU."""
     import torch
 
-    return {"use_cpu": not torch.cuda.is_available()}
+    cpu = not torch.cuda.is_available()
+    # several CPU processes (torchrun): gloo, named so accelerate does not pick MPI where torch has it
+    return {"use_cpu": cpu, **({"ddp_backend": "gloo"} if cpu and dist.is_distributed() else {})}
+
+
+def launch_arguments(tcfg: TrainSection) -> dict:
+    """train.fsdp / train.deepspeed: the config file handed to the Trainer (load_recipe made the path absolute)."""
+    if getattr(tcfg, "fsdp", None):
+        return {"fsdp": True, "fsdp_config": tcfg.fsdp}
+    if getattr(tcfg, "deepspeed", None):
+        return {"deepspeed": tcfg.deepspeed}
+    return {}
+
+
+def _sum_over_ranks(trainer, count: int) -> int:
+    if not dist.is_distributed():
+        return count
+    import torch
+
+    return int(trainer.accelerator.reduce(torch.tensor(count, device=trainer.args.device), reduction="sum"))
 
 
 class ListDataset:
@@ -171,12 +185,38 @@ def _counting_trainer_class():
     class CountingTrainer(Trainer):
         tokens = 0
         seconds = 0.0
+        optimizer_holds_frozen = False  # TrainingMethod.optimizer_holds_frozen
+
+        def create_optimizer(self, model=None):
+            # the Trainer builds its optimizer over the parameters that require grad now; a method that
+            # unfreezes others later (hft) needs them in it too
+            frozen = [p for p in (self.model if model is None else model).parameters() if not p.requires_grad] \
+                if self.optimizer_holds_frozen else []
+            for p in frozen:
+                p.requires_grad_(True)
+            try:
+                return super().create_optimizer(model)
+            finally:
+                for p in frozen:
+                    p.requires_grad_(False)
 
         def training_step(self, model, inputs, *args, **kwargs):
             t = time.perf_counter()
             loss = super().training_step(model, inputs, *args, **kwargs)
             self.seconds += time.perf_counter() - t
-            self.tokens += int(inputs["attention_mask"].sum())
+            self.tokens += real_tokens(inputs)
             return loss
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # the token-weighted mean over label tokens, logits only where a label is (training/loss.py)
+            from toolchain.training.loss import selected_loss
+
+            self.loss_is_scaled_for_ga = num_items_in_batch is not None
+            loss, outputs = selected_loss(model, inputs, num_items_in_batch)
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
+                # num_items counts every rank's label tokens and DDP averages gradients over the ranks: scale
+                # back up so the gradient is the token mean over the global batch (the Trainer's own compute_loss)
+                loss = loss * self.accelerator.num_processes
+            return (loss, outputs) if return_outputs else loss
 
     return CountingTrainer
