@@ -185,11 +185,10 @@ class HalfFineTuning(TrainingMethod):
         """The trained full model is the merged model: checked finite and tied, cast to merge.dtype, written
         with the tokenizer, the base's generation config and the patched config."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
         from toolchain.core.errors import StageError
-        from toolchain.core.models import patch_config, save_tokenizer
-        from toolchain.training.merge import check_tied, ties_embeddings
+        from toolchain.training.merge import check_tied, ties_embeddings, write_model
 
         dtype = recipe.merge.dtype
         model = AutoModelForCausalLM.from_pretrained(adapter_dir, dtype=torch.float32)
@@ -201,18 +200,7 @@ class HalfFineTuning(TrainingMethod):
         if tied:
             check_tied(model, "merge (hft)")
         changed = changed_share(base_dir, model)
-        if dtype != "float32":
-            model = model.to(getattr(torch, dtype))
-        model.save_pretrained(out_dir, safe_serialization=True)
-        save_tokenizer(AutoTokenizer.from_pretrained(adapter_dir), Path(out_dir))
-        try:
-            GenerationConfig.from_pretrained(base_dir).save_pretrained(out_dir)
-        except OSError:
-            pass
-        cfg = patch_config(Path(out_dir))
-        if tied:
-            reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=getattr(torch, dtype))
-            check_tied(reloaded, f"the saved model in {out_dir}")
+        model, cfg, _ = write_model(model, AutoTokenizer.from_pretrained(adapter_dir), base_dir, Path(out_dir), dtype, tied)
         return {"dtype": dtype, "parameters": int(sum(t.numel() for t in model.parameters())),
                 "architecture": (cfg.get("architectures") or ["?"])[0], "tensors_checked_finite": len(model.state_dict()),
                 "adapter_kind": "none (hft: the trained full model)", "tied_embeddings": tied, **changed}

@@ -121,7 +121,7 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str = "float3
     base); its config and tokenizer still come from ``base_dir``. Returns the manifest's figures."""
     import torch
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     base = base_model if base_model is not None else AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     base = base.float()
@@ -153,30 +153,42 @@ def merge(base_dir: Path, adapter_dir: Path, out_dir: Path, dtype: str = "float3
         if hasattr(merged.config, "get_text_config"):
             merged.config.get_text_config().tie_word_embeddings = True
         check_tied(merged, "merge")
-    if dtype != "float32":
-        merged = merged.to(getattr(torch, dtype))
-    merged.save_pretrained(out_dir, safe_serialization=True)
-    save_tokenizer(tokenizer, Path(out_dir))
-    try:
-        GenerationConfig.from_pretrained(base_dir).save_pretrained(out_dir)
-    except OSError:
-        pass
-    cfg = patch_config(Path(out_dir))
+    merged, cfg, reloaded = write_model(merged, tokenizer, base_dir, Path(out_dir), dtype, tied)
     leftovers = adapter_tensors(Path(out_dir))
     if leftovers:
         raise StageError(f"the merged checkpoint still holds adapter tensors {leftovers[:5]} (fix: report it)")
-    if tied:
-        reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=getattr(torch, dtype))
-        if not ties_embeddings(reloaded):
-            raise StageError(f"{out_dir}/config.json lost tie_word_embeddings: true in the merge (fix: report it)")
-        check_tied(reloaded, f"the saved merge in {out_dir}")
-        if not torch.equal(reloaded.get_input_embeddings().weight, merged.get_input_embeddings().weight):
-            raise StageError(f"the saved merge in {out_dir} reloads another embedding than the merged one (fix: report it)")
+    if tied and not torch.equal(reloaded.get_input_embeddings().weight, merged.get_input_embeddings().weight):
+        raise StageError(f"the saved merge in {out_dir} reloads another embedding than the merged one (fix: report it)")
     n_params = sum(t.numel() for t in merged.parameters())
     return {"dtype": dtype, "parameters": int(n_params), "architecture": (cfg.get("architectures") or ["?"])[0],
             "tensors_checked_finite": len(merged.state_dict()), "adapter_kind": kind,
             "merge_check": {**check, "tier": {"rel_max": tier.rel_max, "kl_max": tier.kl_max}},
             "tied_embeddings": tied}
+
+
+def write_model(model, tokenizer, base_dir: Path, out_dir: Path, dtype: str, tied: bool):
+    """The merged model cast to ``dtype`` and written as a standard HF directory (weights, tokenizer, the base's
+    generation config, the patched config); a tied model is reloaded and checked still tied. Returns the cast
+    model, the written config and the reloaded model (None when not tied)."""
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    if dtype != "float32":
+        model = model.to(getattr(torch, dtype))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    save_tokenizer(tokenizer, out_dir)
+    try:
+        GenerationConfig.from_pretrained(base_dir).save_pretrained(out_dir)
+    except OSError:
+        pass
+    cfg = patch_config(out_dir)
+    reloaded = None
+    if tied:
+        reloaded = AutoModelForCausalLM.from_pretrained(out_dir, dtype=getattr(torch, dtype))
+        if not ties_embeddings(reloaded):
+            raise StageError(f"{out_dir}/config.json lost tie_word_embeddings: true in the merge (fix: report it)")
+        check_tied(reloaded, f"the saved model in {out_dir}")
+    return model, cfg, reloaded
 
 
 def adapter_tensors(model_dir: Path) -> list[str]:
