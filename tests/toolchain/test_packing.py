@@ -16,13 +16,20 @@ from toolchain.core.chat import tokenize_example
 from toolchain.training.batching import IGNORE, PackCollator, PadCollator, real_tokens
 from toolchain.training.loss import selected_loss
 
-ATTENTION = ["sdpa", "eager"]
+# edgesmith_packed: the per-example attention the harness switches to for packed rows (packed_attention.py)
+ATTENTION = ["sdpa", "eager", "edgesmith_packed"]
 
 
 def load(model_dir, attn):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn).eval()
+    from toolchain.training.packed_attention import use_packed_attention
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 attn_implementation="sdpa" if attn == "edgesmith_packed" else attn)
+    if attn == "edgesmith_packed":
+        assert use_packed_attention(model) and model.config._attn_implementation == attn
+    return model.eval()
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +137,22 @@ def test_packed_loss_equals_per_example_losses(tiny_model_dir, examples, attn):
     close(half * 2, want.detach(), PACKED_VS_UNPACKED_LOSS)
 
 
+def test_packed_attention_splits_only_packed_rows(tiny_model_dir, examples):
+    """A padded batch under edgesmith_packed gets sdpa's own mask and result; a packed row is cut at its restarts."""
+    from toolchain.training.packed_attention import _segments
+
+    sdpa, packed = load(tiny_model_dir, "sdpa"), load(tiny_model_dir, "edgesmith_packed")
+    batch = PadCollator(pad_id=0)(examples)
+    with torch.no_grad():
+        want = sdpa(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        got = packed(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    keep = batch["attention_mask"].bool()
+    close(got[keep], want[keep], PACKED_VS_UNPACKED_LOGITS)
+    assert _segments(PackCollator()(examples)["position_ids"]) == [len(e["input_ids"]) for e in examples]
+    assert _segments(torch.arange(7)[None]) == [7] and _segments(torch.arange(3, 7)[None]) is None
+    assert _segments(torch.zeros(2, 4, dtype=torch.long)) is None  # a padded batch: transformers' path
+
+
 def test_loss_through_peft_and_without_logits_to_keep(tiny_model_dir, examples):
     from peft import LoraConfig, get_peft_model
 
@@ -162,6 +185,7 @@ def test_harness_packed_and_padded_train_alike(tmp_path, tiny_model_dir, dates_r
         runs[packing] = train(tiny_model_dir, rows[:16], rows[16:], tcfg, dcfg, tmp_path / str(packing), METHOD,
                               progress=False)
     padded, packed = runs[False], runs[True]
+    assert packed["packed_attention"] and not padded["packed_attention"]
     assert packed["steps"] == padded["steps"] == 3
     assert packed["train_tokens"] == padded["train_tokens"] > 0
     got = [h["loss"] for h in packed["log_history"] if "loss" in h]

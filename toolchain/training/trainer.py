@@ -19,6 +19,7 @@ from toolchain.core.chat import tokenize_example
 from toolchain.core.errors import StageError
 from toolchain.pipeline.recipe import DataSection, TrainSection
 from toolchain.training.batching import collator_for, real_tokens
+from toolchain.training.packed_attention import use_packed_attention
 from toolchain.training.method import TrainingMethod
 
 
@@ -52,7 +53,13 @@ def train(base_dir: Path, train_examples: list[dict], eval_examples: list[dict],
         raise StageError("no training example has any token left to learn from after tokenisation "
                          f"(max_length {dcfg.max_length}); raise data.max_length or check the data")
 
-    model = method.wrap(method.load_base(base_dir, tcfg), tcfg)
+    from transformers import set_seed
+
+    set_seed(tcfg.seed)  # train.seed also fixes the adapter's initial weights (drawn in method.wrap)
+    base = method.load_base(base_dir, tcfg)
+    # packed rows: attention cut per example instead of a block-diagonal mask (training/packed_attention.py)
+    packed_attention = bool(dcfg.packing) and use_packed_attention(base)
+    model = method.wrap(base, tcfg)
     if hasattr(model, "get_nb_trainable_parameters"):  # peft counts a 4-bit base's packed weights right
         trainable, total = model.get_nb_trainable_parameters()
     else:
@@ -124,6 +131,7 @@ def train(base_dir: Path, train_examples: list[dict], eval_examples: list[dict],
         "steps": int(trainer.state.global_step), "epochs": float(trainer.state.epoch or 0),
         "train_tokens": trainer.tokens,
         "tokens_per_s": trainer.tokens / trainer.seconds if trainer.seconds else float("nan"),
+        "packed_attention": packed_attention,
         "wall_s": wall, "final_loss": final_loss, "eval_loss": evals[-1] if evals else None,
         "first_loss": losses[0] if losses else None, "resumed_from": str(resume_from) if resume_from else None,
         "train_runtime_s": result.metrics.get("train_runtime"), "log_history": history,
