@@ -1,4 +1,4 @@
-"""The dataset stage: reading every file type, row checks, bad-row reports, splits, labels, packing."""
+"""The dataset stage: reading every file type, row checks, bad-row reports, splits, labels (packing: test_packing.py)."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from toolchain.core.chat import (
-    pack,
     prompt_and_reference,
     render_prompt,
     tokenize_example,
@@ -300,20 +299,3 @@ def test_render_prompt_uses_the_chat_template(tokenizer):
     messages, reference = prompt_and_reference(CONVERSATION)
     assert reference == "2008-02-09, a Saturday." and messages == CONVERSATION["messages"][:3]
     assert render_prompt(messages, tokenizer).endswith("And 9 Feb?<|im_end|>\n<|im_start|>assistant\n")
-
-
-# ----------------------------------------------------------------------------- packing
-
-
-def test_packing_respects_max_length_and_keeps_examples_whole():
-    def ex(n, start):
-        ids = list(range(start, start + n))
-        return {"input_ids": ids, "labels": ids, "attention_mask": [1] * n}
-
-    examples = [ex(3, 0), ex(4, 10), ex(2, 20), ex(12, 30), ex(5, 50)]
-    packed = pack(examples, 8)
-    assert [len(p["input_ids"]) for p in packed] == [7, 2, 12, 5]
-    assert packed[0]["input_ids"] == examples[0]["input_ids"] + examples[1]["input_ids"]
-    assert all(len(p["input_ids"]) <= 8 for p in packed if len(p["input_ids"]) != 12)
-    assert sum((p["input_ids"] for p in packed), []) == sum((e["input_ids"] for e in examples), [])
-    assert all(len(p["labels"]) == len(p["attention_mask"]) == len(p["input_ids"]) for p in packed)

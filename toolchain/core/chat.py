@@ -119,29 +119,6 @@ def tokenize_example(example: dict, tokenizer, max_length: int, train_on_prompt:
     return {"input_ids": ids, "labels": labels, "attention_mask": [1] * len(ids)}
 
 
-def pack(examples: list[dict], max_length: int) -> list[dict]:
-    """Greedily concatenate tokenized examples, in order, into sequences of at most max_length.
-
-    An example is never split; one longer than max_length stays alone. Attention is not
-    blocked between packed examples (the usual simple packing).
-    """
-    keys = ("input_ids", "labels", "attention_mask")
-    packed: list[dict] = []
-    current: dict | None = None
-    for ex in examples:
-        if current is not None and len(current["input_ids"]) + len(ex["input_ids"]) > max_length:
-            packed.append(current)
-            current = None
-        if current is None:
-            current = {k: list(ex[k]) for k in keys}
-        else:
-            for k in keys:
-                current[k] += ex[k]
-    if current is not None:
-        packed.append(current)
-    return packed
-
-
 def prompt_and_reference(example: dict) -> tuple[list[dict], str]:
     """For the task metric: the messages before the final assistant reply, and that reply."""
     messages = example.get("messages")

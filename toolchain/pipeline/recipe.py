@@ -47,7 +47,8 @@ class DataSection:
     max_length: int = opt(512, min=8, help="tokens per example; longer ones are truncated")
     max_rows: int | None = opt(None, min=1, help="use only the first N rows (after shuffling)")
     packing: bool = opt(False, help="padding-free packing: each batch's examples in one row, position ids restarting "
-                        "per example, attention kept inside each example")
+                        "per example, attention computed per example (1.8x the real tokens/s of dynamic padding "
+                        "on the CPU: benchmarks/results/train_speed.md)")
     train_on_prompt: bool = opt(False, help="compute the loss on prompt tokens too")
     bad_rows: str = opt("error", choices=("error", "skip"), help="error: stop naming file and line; skip: skip and count")
     system_prompt: str | None = opt(None, help="system message added to chat rows that have none")
