@@ -18,7 +18,8 @@ PACKAGES = ("toolchain", "exporters", "runtimes")
 # module prefix -> rank; the longest matching prefix wins ("toolchain" alone: the version, ground floor)
 LAYERS = {
     "toolchain": 0, "toolchain.core": 0, "toolchain.pipeline": 1, "toolchain.quality": 2, "toolchain.report": 3,
-    "exporters": 4, "runtimes": 4, "toolchain.training": 5, "toolchain.stages": 6, "toolchain.cli": 7,
+    "exporters": 4, "runtimes": 4, "toolchain.training": 5, "toolchain.pruning": 5, "toolchain.stages": 6,
+    "toolchain.cli": 7,
 }
 SIBLINGS = {"exporters": "runtimes", "runtimes": "exporters"}  # same rank, never importing each other
 

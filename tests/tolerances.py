@@ -350,3 +350,42 @@ QLORA_ORIGINAL_MERGE_EFFECT = Tier(lo=1e-4, why=(
     "trained on: measured 1.5e-3 (LoRA) and 1.7e-3 (DoRA) on the unit-scale tiny tied Llama after 4 steps, "
     "against 3e-14 to 1.1e-13 for the dequantised merge: a merge that silently used the original weights "
     "for both candidates (or the dequantised ones) sits 9 orders of magnitude away."))
+
+# --- pruning (tests/toolchain/test_pruning.py) ------------------------------------------------------
+PRUNE_INVARIANT_LOGITS = Tier(atol=1e-5, why=(
+    "fp32 logits (|logit| up to ~25, unit-scale tiny llama/qwen2/mistral/qwen3) before and after cutting a "
+    "structure that contributes exactly zero: an identity block (zero o_proj and down_proj), MLP channels with "
+    "zero down_proj columns, a GQA group with zero o_proj columns. Only the narrower matmuls' summation order "
+    "can differ; measured 0.0 in all 12 cases. Cutting live structures instead moves them by 10-25 "
+    "(PRUNE_CUT_EFFECT), and slicing up rows with other indices than gate rows and down columns moved them by 31."))
+PRUNE_CUT_EFFECT = Tier(lo=1.0, why=(
+    "the least max |logit change| that shows a cut removed something live (the controls beside the invariance "
+    "tests): measured 23.6-25.0 for dropping a live block, 9.9-11.2 for cutting 32 of 128 live MLP channels, "
+    "19.1-24.4 for removing one of two live GQA groups, against 0.0 for the dead ones."))
+PRUNE_RELOAD_LOGITS = Tier(atol=1e-6, why=(
+    "fp32 logits of a pruned model and of its save_pretrained / from_pretrained copy, same process and kernels: "
+    "the same weights, so measured 0.0; a config size that disagrees with a tensor fails to load, and a head_dim "
+    "recomputed as hidden_size / heads gives other shapes or, with matching shapes, other logits by whole units."))
+PRUNE_CACHED_DECODE = Tier(atol=1e-4, why=(
+    "logits of greedy generation over the KV cache (4 steps) against full forwards over the same tokens, pruned "
+    "tiny models, fp32 (|logit| up to ~15): SDPA over a one-token query against the whole causal matrix, measured "
+    "9.5e-6 to 1.3e-5. With the survivors' layer_idx left unrenumbered a block reads another block's cache slot "
+    "and the test fails."))
+PRUNE_IDENTITY_ANGLE = Tier(hi=1e-6, why=(
+    "the mean angular distance arccos(cos)/pi of a block that is exactly the identity (zero o_proj and "
+    "down_proj): cos is 1 up to float64 rounding (~1e-16), and arccos near 1 turns that into ~1e-8 / pi; "
+    "measured 1.0e-9 to 1.8e-9, while the live blocks of the same models measure 0.157 to 0.172."))
+PRUNE_ANGLE_BY_HAND = Tier(atol=1e-9, why=(
+    "the library's per-block mean angular distance (hooks, float64) against the test's own from "
+    "output_hidden_states and cosine_similarity on the same fp32 hidden states: float64 rounding only, measured "
+    "8e-17 on block distances of 0.228 and 0.201. (With unit RMSNorm weights the normed input points the same "
+    "way as the raw one, so this bound does not tell those two apart; it catches a block paired with another's "
+    "output, off by the blocks' own distances.)"))
+PRUNE_SUMSQ_BY_HAND = Tier(rtol=1e-9, why=(
+    "per-column sums of squared q_proj inputs from the calibration hooks against the test's own sums over "
+    "input_layernorm(embeddings), float64 accumulation of the same fp32 activations: measured 0.0 relative; a "
+    "missed sequence (one of two) is off by about half, and sums of x rather than x^2 by more."))
+PRUNE_WANDA_BY_HAND = Tier(rtol=1e-12, why=(
+    "Wanda scores |W| x column norm in float64 against products written out by hand (and against |W| x "
+    "sqrt(sum_sq) for a model's module): one multiplication each, measured 0.0; sum_sq used without the square root changes the "
+    "hand example's scores by factors of 0.5 to 3 (column norms 2, 1, 3, 0.5 against sums 4, 1, 9, 0.25)."))
