@@ -110,6 +110,22 @@ def test_4bit_base_keeps_embedding_head_and_norms_full_precision(spread_tied_dir
     assert fp["base_memory_bytes"] < fp["base_memory_fp32_bytes"]
 
 
+def test_eval_mode_4bit_forward_computes_as_training_does(spread_tied_dir):
+    """On an AVX512-BF16 CPU bitsandbytes' eval-mode, no-grad forward takes a bfloat16 fused kernel unless
+    load_4bit keeps it on the training path; either way the output must be x @ dequant(W4).T."""
+    import bitsandbytes.functional as bnbf
+
+    from toolchain.training.qlora import load_4bit, settings
+
+    model = load_4bit(spread_tied_dir, settings(None, cuda=False)).eval()
+    linear = model.get_submodule("model.layers.0.mlp.down_proj")
+    w = bnbf.dequantize_4bit(linear.weight.data, linear.weight.quant_state).float()
+    x = torch.randn(1, 7, linear.in_features, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got = linear(x)
+    torch.testing.assert_close(got, x @ w.T, rtol=QLORA_DEQUANTIZED_MERGE.rtol, atol=0.0)
+
+
 # --- train + merge ---------------------------------------------------------------------------------
 
 def as_trained_logits(base_dir: Path, adapter_dir: Path, ids: list[int]) -> torch.Tensor:

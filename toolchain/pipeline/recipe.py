@@ -268,6 +268,10 @@ class Recipe:
                            "4-bit weights a QLoRA adapter was trained against (measured on SmolLM2: KL 1.01, top-1 0.71 "
                            "against the model as trained)", t.format,
                            "use the merged model (format gguf, merge.qlora_into: dequantized), or train.method: lora")
+                elif getattr(self, "prune", None) is not None:
+                    yield (f"targets[{i}].format", f"{t.format} exports the adapter of the dense model; the prune "
+                           "section changes the model later stages use", t.format,
+                           "use a merged-model format (gguf, onnx, ...), or remove the prune section")
                 elif self.train.lora.dora:
                     yield (f"targets[{i}].format", f"{t.format} cannot carry a DoRA adapter (llama.cpp applies only "
                            "A and B, not DoRA's magnitudes)", t.format,

@@ -42,7 +42,7 @@ def prune_structured(model, sequences: Sequence[Sequence[int]], *, layers: dict 
     before = geometry(model, family)
     params_before = parameter_count(model)
     needs_linears = bool(mlp or heads) and score_rule(method).needs_calibration
-    calib = calibrate(model, sequences, where=where, linears=needs_linears, layers=bool(layers))
+    calib = calibrate(model, sequences, where=where, linears=needs_linears, layers=True)  # importance always reported
     stats = calib if needs_linears else None
     figures: dict = {"method": method, "calibration": calib.figures(), "before": before}
     if heads:

@@ -25,6 +25,8 @@ def collect(ctx, inputs: dict[str, Artifact]) -> dict:
         data["train"] = dict(inputs["train"].figures)
     if "merge" in inputs and isinstance(inputs["merge"].figures.get("qlora_merge"), dict):
         data["qlora_merge"] = dict(inputs["merge"].figures["qlora_merge"])  # both QLoRA merge candidates
+    if "prune" in inputs:
+        data["pruning"] = dict(inputs["prune"].figures)
     if "eval" in inputs:
         data["task"] = dict(inputs["eval"].figures)
     from toolchain.report.render import exporter_sections

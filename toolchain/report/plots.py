@@ -172,3 +172,23 @@ def task_png(task: dict | None) -> bytes | None:
     ax.grid(axis="y", alpha=0.3)
     ax.tick_params(labelsize=8)
     return _png(fig)
+
+
+def importance_png(angular: list[float] | None, dropped=()) -> bytes | None:
+    """Bars of each decoder block's importance (angular distance between its input and output on the
+    calibration sample: low = the block changes little), the dropped blocks marked."""
+    values = [_finite(a) for a in (angular or [])]
+    if not values or all(v is None for v in values):
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    dropped = set(dropped or ())
+    colors = [TTFT_COLOR if i in dropped else PREFILL_COLOR for i in range(len(values))]
+    ax.bar(range(len(values)), [v or 0.0 for v in values], color=colors, width=0.8)
+    ax.set_xlabel("decoder layer", fontsize=8)
+    ax.set_ylabel("angular distance in → out", fontsize=8)
+    title = "Per-layer importance on the calibration sample"
+    ax.set_title(title + (f" (dropped: {', '.join(str(i) for i in sorted(dropped))})" if dropped else ""), fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.tick_params(labelsize=8)
+    return _png(fig)

@@ -35,7 +35,7 @@ from toolchain.report.format import (
 SAMPLES_SHOWN = 5  # task samples in the report (the rest stay in report.json)
 KEY_CHARS = 12  # stage cache keys are shown shortened, like git commit ids
 FILE_MODE = 0o644
-PLOTS = {"latency": "latency.png", "loss": "loss.png", "task": "task_metric.png"}
+PLOTS = {"latency": "latency.png", "loss": "loss.png", "task": "task_metric.png", "importance": "importance.png"}
 
 
 # ---------------------------------------------------------------- content
@@ -323,6 +323,10 @@ def build_sections(data: dict, have: set[str]) -> tuple[str, list[tuple]]:
         sections.append(_train_section(data["train"], "loss" in have))
     if isinstance(data.get("qlora_merge"), dict):
         sections.append(_qlora_merge_section(data["qlora_merge"]))
+    if isinstance(data.get("pruning"), dict):
+        from toolchain.report import pruning
+
+        sections.append(pruning.section(data["pruning"], "importance" in have))
     if isinstance(data.get("task"), dict):
         sections.append(_task_section(data["task"], "task" in have))
     targets, bench = _dicts(data.get("targets")), _dicts(data.get("bench"))
@@ -438,6 +442,14 @@ def atomic_write(path: Path, content: bytes | str) -> Path:
     return path
 
 
+def _importance_png(pruning) -> bytes | None:
+    structured = pruning.get("structured") if isinstance(pruning, dict) else None
+    if not isinstance(structured, dict):
+        return None
+    calib = structured.get("calibration") if isinstance(structured.get("calibration"), dict) else {}
+    return plots.importance_png(calib.get("angular_distance"), structured.get("dropped_layers") or ())
+
+
 def write_report(data: dict, out_dir: Path) -> list[Path]:
     """Write report.json, report.md, report.html and the plots the data allows into out_dir.
 
@@ -453,7 +465,8 @@ def write_report(data: dict, out_dir: Path) -> list[Path]:
     train = clean.get("train") if isinstance(clean.get("train"), dict) else {}
     pngs = {"latency": plots.latency_png(_dicts(clean.get("bench"))),
             "loss": plots.loss_png(_dicts(train.get("log_history"))),
-            "task": plots.task_png(clean.get("task"))}
+            "task": plots.task_png(clean.get("task")),
+            "importance": _importance_png(clean.get("pruning"))}
     images = {k: v for k, v in pngs.items() if v}
     written = []
     for key, name in PLOTS.items():

@@ -51,7 +51,9 @@ def preflight_targets(ctx: Context, model: Artifact) -> None:
     """Every target's preflight on the base model, and every benchmark runtime's tools (node, chromium, ...),
     before training."""
     from toolchain.pipeline.registry import EXPORTERS, RUNTIMES
+    from toolchain.stages import prune
 
+    prune.preflight(ctx, model.path)  # the recipe's cuts against this model's shapes
     for t in ctx.recipe.targets:
         check = EXPORTERS.get(t.format).preflight()
         if check is not None:

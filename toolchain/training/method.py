@@ -50,6 +50,13 @@ class TrainingMethod:
         """Overrides of the TrainingArguments the harness builds (none by default)."""
         return {}
 
+    def loss(self, model, inputs: dict, num_items=None):
+        """(loss, outputs) of one batch: cross-entropy on the labelled positions (``training/loss.py``);
+        distillation (``training/distill.py``) replaces it with a KL to a teacher's logits."""
+        from toolchain.training.loss import selected_loss
+
+        return selected_loss(model, inputs, num_items)
+
     def figures(self, tcfg) -> dict:
         """What the train manifest records about the method (its name and settings)."""
         return {"method": self.name}

@@ -58,6 +58,9 @@ def load_4bit(base_dir: Path, quant: dict, compute_dtype: str | None = None):
                              bnb_4bit_compute_dtype=getattr(torch, compute_dtype or quant["compute_dtype"]))
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, quantization_config=cfg,
                                                  device_map=device_map())
+    from toolchain.training.qlora_merge import exact_cpu_path
+
+    exact_cpu_path(model)  # eval (no grad) computes as training does, not through the bfloat16 fused kernel
     emb, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head is not None and type(head).__name__ == "Linear4bit":
         raise StageError(f"{base_dir}: the 4-bit load quantised the LM head; it must stay full precision "

@@ -94,6 +94,7 @@ def train(base_dir: Path, train_examples: list[dict], eval_examples: list[dict],
                       eval_dataset=ListDataset(eval_tok) if do_eval else None,
                       data_collator=collator_for(dcfg.packing, tokenizer.pad_token_id), callbacks=callbacks)
     trainer.optimizer_holds_frozen = method.optimizer_holds_frozen
+    trainer.method = method
     resume_from = _last_checkpoint(ckpt_dir) if resume else None
     if not resume and ckpt_dir.exists() and dist.is_main():
         shutil.rmtree(ckpt_dir)
@@ -194,6 +195,7 @@ def _counting_trainer_class():
         tokens = 0
         seconds = 0.0
         optimizer_holds_frozen = False  # TrainingMethod.optimizer_holds_frozen
+        method = TrainingMethod()  # the method whose loss compute_loss takes (set by train())
 
         def create_optimizer(self, model=None):
             # the Trainer builds its optimizer over the parameters that require grad now; a method that
@@ -216,11 +218,10 @@ def _counting_trainer_class():
             return loss
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            # the token-weighted mean over label tokens, logits only where a label is (training/loss.py)
-            from toolchain.training.loss import selected_loss
-
+            # the method's loss: the token-weighted mean over label tokens, logits only where a label is
+            # (training/loss.py), or a distillation KL (training/distill.py)
             self.loss_is_scaled_for_ga = num_items_in_batch is not None
-            loss, outputs = selected_loss(model, inputs, num_items_in_batch)
+            loss, outputs = self.method.loss(model, inputs, num_items_in_batch)
             if num_items_in_batch is not None and self.args.average_tokens_across_devices and self.args.world_size > 1:
                 # num_items counts every rank's label tokens and DDP averages gradients over the ranks: scale
                 # back up so the gradient is the token mean over the global batch (the Trainer's own compute_loss)

@@ -1,0 +1,114 @@
+"""Distillation: train a student to match a teacher's next-token distributions (KL on its logits).
+
+Used to heal a pruned model (``toolchain/stages/prune.py``): the student is the pruned model, the
+teacher the dense fine-tuned model it was cut from, the texts the fine-tune data and the calibration
+text. The student trains with an existing method (LoRA adapters, or every matrix: hft with fraction 1)
+through the shared harness (``toolchain/training/trainer.py``); only the loss differs:
+
+    loss = T^2 * sum over kept positions of KL(softmax(teacher / T) || softmax(student / T)) / tokens
+           (+ ce_weight * the cross-entropy on the labels, when asked)
+
+Kept positions are the ones with a next-token label (``training/loss.py``), so neither model
+projects padding or prompt positions onto the vocabulary. The teacher runs under ``no_grad`` in
+float32 on the same batch (packed rows attend per example in both models).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from toolchain.training.method import TrainingMethod
+
+
+class Distill(TrainingMethod):
+    """``inner``'s way of training (what is trainable, what is saved, how it merges) with a KL loss."""
+
+    def __init__(self, inner: TrainingMethod, teacher_dir: Path, temperature: float = 1.0, ce_weight: float = 0.0):
+        self.inner = inner
+        self.teacher_dir = Path(teacher_dir)
+        self.temperature = float(temperature)
+        self.ce_weight = float(ce_weight)
+        self.name = f"distill+{inner.name}"
+        self.summary = f"distillation from {self.teacher_dir.name} ({inner.name})"
+        self.optimizer_holds_frozen = inner.optimizer_holds_frozen
+        self._teacher = None
+
+    # --- what the inner method decides -----------------------------------------------------------------
+    def load_base(self, base_dir, tcfg):
+        return self.inner.load_base(base_dir, tcfg)
+
+    def adapter_config(self, tcfg):
+        return self.inner.adapter_config(tcfg)
+
+    def wrap(self, model, tcfg):
+        return self.inner.wrap(model, tcfg)
+
+    def callbacks(self, model, tcfg):
+        return self.inner.callbacks(model, tcfg)
+
+    def save(self, model, out_dir):
+        return self.inner.save(model, out_dir)
+
+    def training_arguments(self, tcfg):
+        return self.inner.training_arguments(tcfg)
+
+    def merge(self, base_dir, adapter_dir, out_dir, recipe, data_dir=None):
+        return self.inner.merge(base_dir, adapter_dir, out_dir, recipe, data_dir)
+
+    def figures(self, tcfg) -> dict:
+        return {**self.inner.figures(tcfg), "method": self.name, "teacher": str(self.teacher_dir),
+                "temperature": self.temperature, "ce_weight": self.ce_weight}
+
+    # --- the loss --------------------------------------------------------------------------------------
+    def teacher(self, device):
+        if self._teacher is None:
+            import torch
+            from transformers import AutoModelForCausalLM
+
+            from toolchain.training.packed_attention import use_packed_attention
+
+            t = AutoModelForCausalLM.from_pretrained(self.teacher_dir, dtype=torch.float32).eval()
+            for p in t.parameters():
+                p.requires_grad_(False)
+            use_packed_attention(t)
+            self._teacher = t
+        return self._teacher.to(device)
+
+    def loss(self, model, inputs: dict, num_items=None):
+        return distill_loss(model, self.teacher(next(model.parameters()).device), inputs, num_items,
+                            self.temperature, self.ce_weight)
+
+
+def distill_loss(student, teacher, inputs: dict, num_items=None, temperature: float = 1.0, ce_weight: float = 0.0):
+    """(loss, student outputs): the token-weighted KL(teacher || student) over the labelled positions."""
+    import torch
+    import torch.nn.functional as F
+
+    from toolchain.training.loss import IGNORE, accepts_logits_to_keep, shifted_labels
+
+    shift = shifted_labels(inputs)
+    keep = shift != IGNORE
+    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
+
+    def logits_of(model, grad: bool):
+        with torch.set_grad_enabled(grad):
+            if accepts_logits_to_keep(model):
+                out = model(**model_inputs, use_cache=False, logits_to_keep=keep)
+                logits = out.logits if out.logits.dim() == 2 else out.logits[keep]
+            else:
+                out = model(**model_inputs, use_cache=False)
+                logits = out.logits[keep]
+        return logits.float(), out
+
+    with torch.no_grad():
+        t_logits, _ = logits_of(teacher, False)
+    s_logits, outputs = logits_of(student, True)
+    t = temperature
+    kl = F.kl_div(F.log_softmax(s_logits / t, dim=-1), F.log_softmax(t_logits / t, dim=-1), log_target=True,
+                  reduction="sum") * (t * t)
+    total = kl
+    if ce_weight:
+        total = total + ce_weight * F.cross_entropy(s_logits, shift[keep], reduction="sum")
+    denominator = num_items if num_items is not None else keep.sum().clamp(min=1)
+    if hasattr(denominator, "to"):
+        denominator = denominator.to(total.device)
+    return total / denominator, outputs
