@@ -189,15 +189,15 @@ def test_missing_required_key_is_named(tmp_path):
 
 
 def test_unknown_top_level_section_lists_the_known_sections(tmp_path):
-    path = _write(tmp_path, "name: x\nprune: {sparsity: 0.5}\n")
+    path = _write(tmp_path, "name: x\nsparsify: {fraction: 0.5}\n")
 
     with pytest.raises(RecipeError) as info:
         load_recipe(path)
 
     (problem,) = info.value.problems
-    assert problem.where == f"{path}:2 prune"
+    assert problem.where == f"{path}:2 sparsify"
     assert problem.rule == "is not a known key"
-    assert problem.value == "prune"
+    assert problem.value == "sparsify"
     assert problem.fix == "known keys: " + ", ".join(SECTIONS)
 
 
