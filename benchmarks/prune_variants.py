@@ -42,9 +42,12 @@ VARIANTS = {
 SPEED_TARGETS = ("gguf-q4_k_m", "gguf-q8_0", "onnx-int4")
 
 
-def recipe_for(variant: str, work: Path) -> Path:
-    doc = yaml.safe_load((REPO / "examples" / "prune.yaml").read_text())
-    doc["data"]["path"] = str(REPO / "examples" / "data" / "dates.jsonl")
+def recipe_for(variant: str, work: Path, recipe: Path | None = None) -> Path:
+    """The variant's recipe: next to ``recipe`` (its relative paths and its run's cache kept), or in ``work``."""
+    source = recipe or REPO / "examples" / "prune.yaml"
+    doc = yaml.safe_load(source.read_text())
+    if recipe is None:
+        doc["data"]["path"] = str(REPO / "examples" / "data" / "dates.jsonl")
     doc["output_dir"] = str(work / "runs")
     doc["targets"] = [t for t in doc["targets"] if t["name"] in SPEED_TARGETS]
     spec = VARIANTS[variant]
@@ -52,16 +55,18 @@ def recipe_for(variant: str, work: Path) -> Path:
         doc.pop("prune")
     elif spec != "recipe":
         doc["prune"] = {"score": doc["prune"]["score"], **spec, "heal": doc["prune"]["heal"]}
-    path = work / f"{variant.replace(':', '-')}.yaml"
+    folder = recipe.parent if recipe else work
+    path = folder / f"variant-{variant.replace(':', '-')}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return path
 
 
-def run_variant(variant: str, work: Path) -> dict:
-    path = recipe_for(variant, work)
+def run_variant(variant: str, work: Path, recipe: Path | None = None) -> dict:
+    path = recipe_for(variant, work, recipe)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "run", str(path), "--quiet"], cwd=work,
-                          capture_output=True, text=True)
+    # every bench stage re-measured now (--force bench), so all variants are timed in this sitting
+    proc = subprocess.run([sys.executable, "-m", "toolchain.cli", "run", str(path), "--quiet", "--force", "bench"],
+                          cwd=work, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     (work / f"{path.stem}.log").write_text(proc.stdout + proc.stderr)
     report_path = work / "runs" / "prune" / "report" / "report.json"
@@ -143,13 +148,15 @@ def main() -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--work", type=Path, default=Path(os.environ.get("EDGESMITH_CACHE", Path.home() / ".cache" / "edgesmith"))
                     / "prune-variants")
+    ap.add_argument("--recipe", type=Path, help="a copy of examples/prune.yaml whose run folder (--work/runs) "
+                    "already holds its stages: they are reused, only the bench stages re-run")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     results = {}
     for variant in args.variants.split(","):
         print(f"== {variant}", flush=True)
-        results[variant] = summarise(variant, run_variant(variant, args.work))
+        results[variant] = summarise(variant, run_variant(variant, args.work, args.recipe and args.recipe.resolve()))
         print(json.dumps(results[variant]["targets"], indent=1), flush=True)
     bench = yaml.safe_load((REPO / "examples" / "prune.yaml").read_text())["bench"]
     meta = {"recipe": "examples/prune.yaml (targets gguf-q4_k_m, gguf-q8_0, onnx-int4)",
