@@ -74,6 +74,7 @@ def test_structured_prune_heal_and_export(tmp_path, tiny_model_dir):
     assert report["pruning"]["models"]["healed"]["ppl"] > 0
     rows = [r for r in report["bench"] if r.get("target") == "onnx-fp32"]
     assert rows and all(r["gate"]["passed"] for r in rows)
+    assert [r["runtime"] for r in report["bench"] if r.get("target") == "pruned"] == ["torch"]  # the reference row
     assert "Pruning" in (run_dir / "report" / "report.md").read_text()
 
 

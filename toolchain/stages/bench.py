@@ -20,13 +20,15 @@ from toolchain.pipeline.plan import Context, PlanState, Stage
 from toolchain.pipeline.recipe import Recipe
 
 REFERENCE_TARGET = "merged"  # the name the torch row of the model later stages use goes by
+PRUNED_TARGET = "pruned"  # its name when a prune stage produced that model
 
 
 def plan(recipe: Recipe, state: PlanState) -> list[Stage]:
     """``bench-torch``: the model later stages use, on torch, as the reference row."""
     if not recipe.bench.reference:
         return []
-    return [bench_stage(recipe, "torch", REFERENCE_TARGET, state.model, stage_id="bench-torch")]
+    name = PRUNED_TARGET if state.model == "prune" else REFERENCE_TARGET
+    return [bench_stage(recipe, "torch", name, state.model, stage_id="bench-torch")]
 
 
 def bench_stage(recipe: Recipe, runtime: str, target_name: str, source_id: str, stage_id: str | None = None) -> Stage:
@@ -34,7 +36,7 @@ def bench_stage(recipe: Recipe, runtime: str, target_name: str, source_id: str, 
 
     sid = stage_id or f"bench-{target_name}-{runtime}"
     summary = (f"benchmark {target_name} on {runtime}" if source_id.startswith("export-")
-               else "benchmark the merged model on torch")
+               else f"benchmark the {target_name} model on torch")
     return Stage(sid, "bench", [source_id, "reference"], {"bench": asdict(recipe.bench), "runtime": runtime},
                  make_bench(runtime, target_name, source_id), summary, target=target_name,
                  roles={"artifact": source_id, "reference": "reference"}, versions=RUNTIMES.get(runtime).versions)
