@@ -160,8 +160,10 @@ def _bench_section(bench: list[dict], targets: list[dict], have_plot: bool) -> t
                      "ll" + "r" * (len(_BENCH_HEADERS) - 2))]
     refs = {fmt(r["quality"].get("ref_ppl"), ".2f") for r in bench
             if isinstance(r.get("quality"), dict)}
+    pruned = any(r.get("target") == "pruned" and r.get("runtime") == "torch" for r in bench)
+    model = "the pruned full-precision model" if pruned else "the merged full-precision model"
     note = ("Rates are mean ± std over the repetitions, tokenisation excluded. Quality is "
-            "measured against the merged full-precision model: KL divergence of next-token "
+            f"measured against {model}: KL divergence of next-token "
             "distributions (nats), top-1 agreement, perplexity on held-out text and its change, "
             "and the share of fixed prompts whose greedy output matches. Gate: the thresholds for "
             "the target's format and precision (toolchain/quality/gates.py).")
