@@ -107,6 +107,10 @@ def summarise(variant: str, got: dict) -> dict:
             "sparsity": (pruning.get("sparsity") or {}).get("overall")}
 
 
+def _num(x) -> str:
+    return f"{x:.3f}" if isinstance(x, (int, float)) else "–"
+
+
 def markdown(results: dict, meta: dict) -> str:
     lines = ["# Pruning on the edge runtimes (issue 15)", "",
              f"{meta['recipe']}, variants in one sitting on {meta['machine']}; bench {meta['bench']}. "
@@ -132,14 +136,20 @@ def markdown(results: dict, meta: dict) -> str:
     for variant, res in results.items():
         q = res["quality"]
         if "healed" not in q and "pruned" not in q:
-            lines.append(f"| {variant} | – | – | – | {q.get('dense_task_metric')} |")
+            lines.append(f"| {variant} | – | – | – | {_num(q.get('dense_task_metric'))} |")
             continue
         before, after = q.get("pruned", {}), q.get("healed", q.get("pruned", {}))
         lines.append(f"| {variant} | {100 * before.get('delta_ppl', float('nan')):+.1f}% → "
                      f"{100 * after.get('delta_ppl', float('nan')):+.1f}% | {after.get('kl_mean', float('nan')):.3g} | "
-                     f"{after.get('top1', float('nan')):.3f} | {q.get('dense_task_metric')} → {after.get('task_metric')} |")
+                     f"{after.get('top1', float('nan')):.3f} | {_num(q.get('dense_task_metric'))} → {_num(after.get('task_metric'))} |")
+    sparse = [v for v in results if v not in ("dense", "structured")]
+    missing = [v for v in VARIANTS if v not in results]
     lines += ["", "No target edgesmith ships runs unstructured or 2:4 sparsity faster or smaller: onnxruntime, "
-                  "llama.cpp and MLC store and multiply the zeros densely (their rows above are the same size as dense).", ""]
+                  "llama.cpp and MLC store and multiply the zeros densely"
+              + (" (their rows above are the same size as dense)." if sparse else ".")]
+    if missing:
+        lines.append(f"Not run in this sitting: {', '.join(missing)}.")
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -151,7 +161,12 @@ def main() -> int:
     ap.add_argument("--recipe", type=Path, help="a copy of examples/prune.yaml whose run folder (--work/runs) "
                     "already holds its stages: they are reused, only the bench stages re-run")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--render", action="store_true", help="only rewrite the .md from the committed .json")
     args = ap.parse_args()
+    if args.render:
+        saved = json.loads((args.out / "prune_variants.json").read_text())
+        (args.out / "prune_variants.md").write_text(markdown(saved["variants"], saved["meta"]))
+        return 0
     args.work.mkdir(parents=True, exist_ok=True)
     results = {}
     for variant in args.variants.split(","):
