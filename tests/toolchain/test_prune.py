@@ -84,9 +84,11 @@ def test_sparse_masks_survive_the_healing_merge(tmp_path, tiny_model_dir):
 
     prune = {"score": "magnitude", "sparse": {"pattern": "2:4"},
              "heal": {"steps": 2, "batch_size": 4, "learning_rate": 1e-2, "rank": 4}}
-    path = write_recipe(tmp_path, tiny_model_dir, prune, targets=[])
-    assert main(["run", str(path), "--quiet"]) == 0
+    path = write_recipe(tmp_path, tiny_model_dir, prune)
+    assert main(["run", str(path), "--quiet"]) == 0  # the ONNX export reads the masked checkpoint as it is
     run_dir = tmp_path / "runs" / "p"
+    assert [p.name for p in (run_dir / "prune").glob("*.safetensors")] == ["model.safetensors"]
+    assert (run_dir / "prune" / "sparsity" / "masks.safetensors").exists()
     figures = manifest(run_dir, "prune")["figures"]
     assert figures["sparsity"]["overall"] == pytest.approx(0.5)
     weights = load_file(run_dir / "prune" / "model.safetensors")

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from toolchain.pipeline.recipe import Recipe
 
 
+MASKS_FILE = "sparsity/masks.safetensors"  # the sparse masks, re-applied after any later merge
+
+
 @dataclass
 class LayerCut:
     drop: int | None = opt(None, min=1, help="decoder layers removed, the least important first")
@@ -178,7 +181,8 @@ def run(ctx, inputs: dict, out: Path) -> dict:
         figures["mask_reapplied"] = reapply_masks(final, masks, "prune.sparse")
         figures["sparsity"] = sparsity(final, "prune.sparse")
         save_hf_dir(final, tok, final_dir)
-        save_masks(masks, out / "masks.safetensors", {"pattern": pcfg.sparse.pattern, "fraction": pcfg.sparse.fraction})
+        # in a subfolder: exporters read every top-level .safetensors as the checkpoint
+        save_masks(masks, out / MASKS_FILE, {"pattern": pcfg.sparse.pattern, "fraction": pcfg.sparse.fraction})
         del final
     for p in final_dir.iterdir():  # the model later stages read, at the stage's top level
         shutil.move(str(p), out / p.name)
