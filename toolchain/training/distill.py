@@ -83,32 +83,16 @@ def distill_loss(student, teacher, inputs: dict, num_items=None, temperature: fl
     import torch
     import torch.nn.functional as F
 
-    from toolchain.training.loss import IGNORE, accepts_logits_to_keep, shifted_labels
+    from toolchain.training.loss import IGNORE, labelled_logits, shifted_labels, token_mean
 
     shift = shifted_labels(inputs)
     keep = shift != IGNORE
-    model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
-
-    def logits_of(model, grad: bool):
-        with torch.set_grad_enabled(grad):
-            if accepts_logits_to_keep(model):
-                out = model(**model_inputs, use_cache=False, logits_to_keep=keep)
-                logits = out.logits if out.logits.dim() == 2 else out.logits[keep]
-            else:
-                out = model(**model_inputs, use_cache=False)
-                logits = out.logits[keep]
-        return logits.float(), out
-
     with torch.no_grad():
-        t_logits, _ = logits_of(teacher, False)
-    s_logits, outputs = logits_of(student, True)
+        t_logits, _ = labelled_logits(teacher, inputs, keep)
+    s_logits, outputs = labelled_logits(student, inputs, keep)
     t = temperature
-    kl = F.kl_div(F.log_softmax(s_logits / t, dim=-1), F.log_softmax(t_logits / t, dim=-1), log_target=True,
-                  reduction="sum") * (t * t)
-    total = kl
+    total = F.kl_div(F.log_softmax(s_logits / t, dim=-1), F.log_softmax(t_logits / t, dim=-1), log_target=True,
+                     reduction="sum") * (t * t)
     if ce_weight:
         total = total + ce_weight * F.cross_entropy(s_logits, shift[keep], reduction="sum")
-    denominator = num_items if num_items is not None else keep.sum().clamp(min=1)
-    if hasattr(denominator, "to"):
-        denominator = denominator.to(total.device)
-    return total / denominator, outputs
+    return token_mean(total, keep, num_items), outputs

@@ -40,12 +40,9 @@ def accepts_logits_to_keep(model) -> bool:
     return "logits_to_keep" in inspect.signature(inner.forward).parameters
 
 
-def selected_loss(model, inputs: dict, num_items=None, keep_kwarg: bool | None = None):
-    """(loss, outputs): cross-entropy over the labelled next-token positions only."""
-    import torch.nn.functional as F
-
-    shift = shifted_labels(inputs)
-    keep = shift != IGNORE
+def labelled_logits(model, inputs: dict, keep, keep_kwarg: bool | None = None):
+    """(float logits of the positions in the boolean mask ``keep``, outputs), selected before ``lm_head`` when
+    the model takes ``logits_to_keep``."""
     model_inputs = {k: v for k, v in inputs.items() if k not in ("labels", "shift_labels")}
     if keep_kwarg is None:
         keep_kwarg = accepts_logits_to_keep(model)
@@ -58,8 +55,23 @@ def selected_loss(model, inputs: dict, num_items=None, keep_kwarg: bool | None =
     else:
         outputs = model(**model_inputs, use_cache=False)
         logits = outputs.logits[keep]
-    total = F.cross_entropy(logits.float(), shift[keep], reduction="sum")
+    return logits.float(), outputs
+
+
+def token_mean(total, keep, num_items=None):
+    """``total`` divided by ``num_items`` (the Trainer's label count over the accumulated step) or this batch's."""
     denominator = num_items if num_items is not None else keep.sum().clamp(min=1)
     if hasattr(denominator, "to"):
         denominator = denominator.to(total.device)
-    return total / denominator, outputs
+    return total / denominator
+
+
+def selected_loss(model, inputs: dict, num_items=None, keep_kwarg: bool | None = None):
+    """(loss, outputs): cross-entropy over the labelled next-token positions only."""
+    import torch.nn.functional as F
+
+    shift = shifted_labels(inputs)
+    keep = shift != IGNORE
+    logits, outputs = labelled_logits(model, inputs, keep, keep_kwarg)
+    total = F.cross_entropy(logits, shift[keep], reduction="sum")
+    return token_mean(total, keep, num_items), outputs
