@@ -49,7 +49,8 @@ def test_structured_prune_heal_and_export(tmp_path, tiny_model_dir):
     from transformers import AutoConfig
 
     prune = {"score": "wanda", "layers": {"drop": 1}, "mlp": {"keep": 64}, "heads": {"keep": 2},
-             "heal": {"steps": 3, "batch_size": 4, "learning_rate": 1e-3, "rank": 4}}
+             "heal": {"steps": 3, "batch_size": 4, "learning_rate": 1e-3, "rank": 4, "generated": 3,
+                      "generated_tokens": 8}}
     path = write_recipe(tmp_path, tiny_model_dir, prune)
     assert main(["run", str(path), "--quiet"]) == 0
     run_dir = tmp_path / "runs" / "p"
@@ -65,6 +66,7 @@ def test_structured_prune_heal_and_export(tmp_path, tiny_model_dir):
     assert figures["models"]["dense"]["delta_ppl"] == 0.0 and figures["models"]["dense"]["kl_mean"] == 0.0
     assert figures["models"]["pruned"]["kl_mean"] > 0
     assert figures["heal"]["train"]["steps"] == 3 and figures["heal"]["train"]["method"] == "distill+lora"
+    assert figures["heal"]["generated"]["texts"] == 3  # the dense model's own writing, distilled on too
     assert (run_dir / "prune" / "importance.png").exists() and not (run_dir / "prune" / "_work").exists()
 
     # every later stage reads the pruned model: the reference and the export are of it, and the gate passes
@@ -94,6 +96,44 @@ def test_sparse_masks_survive_the_healing_merge(tmp_path, tiny_model_dir):
     weights = load_file(run_dir / "prune" / "model.safetensors")
     w = weights["model.layers.0.mlp.down_proj.weight"]
     assert torch.equal((w.reshape(w.shape[0], -1, 4) != 0).sum(-1), torch.full((w.shape[0], w.shape[1] // 4), 2))
+
+
+def test_prune_compare_measures_every_variant_and_reports_them(tmp_path, tiny_model_dir, capsys):
+    prune = {"score": "wanda", "layers": {"drop": 1}, "mlp": {"keep": 64},
+             "heal": {"steps": 1, "batch_size": 4, "learning_rate": 1e-3, "rank": 4, "generated": 0}}
+    path = write_recipe(tmp_path, tiny_model_dir, prune)
+    assert main(["prune-compare", str(path), "--quiet", "--variants", "dense,structured,unstructured-50"]) == 0
+    run_dir = tmp_path / "runs" / "p"
+    doc = json.loads((run_dir / "prune-variants.json").read_text())
+    assert list(doc["variants"]) == ["dense", "structured", "unstructured-50"] and doc["meta"]["targets"] == ["onnx-fp32"]
+    size = {v: doc["variants"][v]["targets"]["onnx-fp32"]["size_bytes"] for v in doc["variants"]}
+    assert size["structured"] < 0.8 * size["dense"]  # one of two layers and half the MLP gone
+    assert abs(size["unstructured-50"] / size["dense"] - 1) < 0.01  # the zeros are stored densely
+    for v in doc["variants"].values():
+        run = v["targets"]["onnx-fp32"]["runs"][0]
+        assert run["runtime"] == "onnxruntime" and run["decode_tps"] > 0 and run["gate_passed"] is True
+    models = doc["variants"]["unstructured-50"]["pruning"]["models"]
+    assert set(models) == {"dense", "pruned", "healed"} and doc["variants"]["dense"]["pruning"] == {}
+    # the recipe's own run (structured) is what the run folder holds, its report carries the comparison
+    assert manifest(run_dir, "prune")["figures"]["structured"]["dropped_layers"]
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "edgesmith prune-compare" in md and "| unstructured-50 | onnx-fp32 |" in md and "Decode vs dense" in md
+    assert "no target edgesmith ships runs unstructured" in md.lower()
+
+
+def test_prune_compare_names_a_bad_variant(tmp_path, tiny_model_dir, capsys):
+    path = write_recipe(tmp_path, tiny_model_dir, {"layers": {"drop": 1}})
+    assert main(["prune-compare", str(path), "--quiet", "--variants", "dense,3:4"]) == 2
+    err = capsys.readouterr().err
+    assert "--variants" in err and "'3:4'" in err and "unstructured-NN" in err
+    assert not (tmp_path / "runs").exists()  # checked before anything ran
+
+
+def test_openings_are_the_first_words_of_each_sentence():
+    from toolchain.training.distill import openings
+
+    assert openings(["One two three four five. Six seven eight nine ten!\nTen eleven", "One two three four more."]) == \
+        ["One two three four", "Six seven eight nine"]
 
 
 @pytest.mark.parametrize("prune, key", [

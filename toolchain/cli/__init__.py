@@ -8,6 +8,7 @@
     edgesmith targets               registered exporters and runtimes, and whether their extras are installed
     edgesmith doctor                checks packages, CPU features, chromium and disk
     edgesmith init NAME --data FILE a commented starter recipe for your data
+    edgesmith prune-compare RECIPE  dense against pruning variants (size, speed, quality) in one sitting
     edgesmith setup [web|llama-cpp|model]
                                     install what lies outside pip: npm packages, llama.cpp, the embedded model
 
@@ -82,8 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     from toolchain.cli.init import add_init_parser
     from toolchain.cli.setup import add_setup_parser
 
+    from toolchain.cli.prune_compare import add_prune_compare_parser
+
     add_init_parser(sub)
     add_setup_parser(sub)
+    add_prune_compare_parser(sub)
     return parser
 
 
@@ -115,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "setup":
             from toolchain.cli.setup import run_setup
             return run_setup(args)
+        if args.command == "prune-compare":
+            from toolchain.cli.prune_compare import run_prune_compare
+            return run_prune_compare(args)
     except (StageFailed, StageError) as exc:
         print(f"edgesmith: {exc}", file=sys.stderr)
         return EXIT_STAGE

@@ -27,6 +27,9 @@ def collect(ctx, inputs: dict[str, Artifact]) -> dict:
         data["qlora_merge"] = dict(inputs["merge"].figures["qlora_merge"])  # both QLoRA merge candidates
     if "prune" in inputs:
         data["pruning"] = dict(inputs["prune"].figures)
+        variants = _prune_variants(recipe)
+        if variants:
+            data["pruning"]["variants"] = variants
     if "eval" in inputs:
         data["task"] = dict(inputs["eval"].figures)
     from toolchain.report.render import exporter_sections
@@ -58,3 +61,17 @@ def collect(ctx, inputs: dict[str, Artifact]) -> dict:
     data["stages"] = [{"stage": st.stage.id, "key": st.key, "cached": st.status == "cached", "wall_s": st.wall_s}
                       for st in steps]
     return data
+
+
+def _prune_variants(recipe) -> dict | None:
+    """``edgesmith prune-compare``'s figures saved in the run folder (dense and each variant, one sitting)."""
+    import json
+
+    from toolchain.report.pruning import VARIANTS_FILE
+
+    path = recipe.run_dir() / VARIANTS_FILE
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and isinstance(doc.get("variants"), dict) else None

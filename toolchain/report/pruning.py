@@ -57,4 +57,83 @@ def section(p: dict, have_plot: bool) -> tuple:
         blocks.append(("p", NOTE_SPARSE))
     if have_plot:
         blocks.append(("img", "importance", "Per-layer importance (angular distance) on the calibration sample"))
+    if isinstance(p.get("variants"), dict):
+        blocks += variants_blocks(p["variants"])
     return ("Pruning", blocks)
+
+
+# --- `edgesmith prune-compare`: dense and each variant, measured in one sitting ---------------------------
+VARIANTS_FILE = "prune-variants.json"  # in the run folder, next to report.html
+NOTE_VARIANTS = ("No target edgesmith ships runs unstructured or N:M sparsity faster or smaller: onnxruntime, "
+                 "llama.cpp and MLC store and multiply the zeros densely, so those rows are dense's size and speed. "
+                 "Only the structured cut (fewer layers, narrower MLPs, fewer heads) pays on the edge.")
+
+
+def _ratio(a, b) -> str:
+    return f"{a / b:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else DASH
+
+
+def variants_tables(doc: dict) -> list[tuple[list[str], list[list[str]], str]]:
+    """Two tables: per variant and target, size and speed against dense; per variant, quality against dense."""
+    variants = doc.get("variants") if isinstance(doc.get("variants"), dict) else {}
+    targets = (doc.get("meta") or {}).get("targets") or sorted({t for v in variants.values() for t in v.get("targets", {})})
+    dense = (variants.get("dense") or {}).get("targets", {})
+    speed = []
+    for name, v in variants.items():
+        for target in targets:
+            t = (v.get("targets") or {}).get(target)
+            if not t:
+                continue
+            d = dense.get(target) or {}
+            d_runs = {r.get("runtime"): r for r in d.get("runs", [])}
+            for r in t.get("runs", []) or [{}]:
+                dr = d_runs.get(r.get("runtime"), {})
+                gate = DASH if r.get("gate_passed") is None else "pass" if r["gate_passed"] else \
+                    "FAIL (" + "; ".join(r.get("gate_failures") or []) + ")"
+                speed.append([name, target, r.get("runtime") or DASH, _mb(t.get("size_bytes")),
+                              _ratio(t.get("size_bytes"), d.get("size_bytes")), fmt(r.get("prefill_tps"), ".1f"),
+                              fmt(r.get("decode_tps"), ".1f"), _ratio(r.get("decode_tps"), dr.get("decode_tps")),
+                              fmt(r.get("kl_mean"), ".3g"), gate])
+    quality = []
+    for name, v in variants.items():
+        models = (v.get("pruning") or {}).get("models") or {}
+        if name == "dense" or not models:
+            dense_metric = next((m.get("task_metric") for x in variants.values()
+                                 for k, m in ((x.get("pruning") or {}).get("models") or {}).items() if k == "dense"), None)
+            quality.append([name, DASH, DASH, DASH, DASH, fmt(dense_metric, ".3f")])
+            continue
+        before, after = models.get("pruned") or {}, models.get("healed") or models.get("pruned") or {}
+        quality.append([name, _signed_pct(before.get("delta_ppl")), _signed_pct(after.get("delta_ppl")),
+                        fmt(after.get("kl_mean"), ".3g"), fmt_pct(after.get("top1")),
+                        f"{fmt((models.get('dense') or {}).get('task_metric'), '.3f')} → {fmt(after.get('task_metric'), '.3f')}"])
+    return [(["Variant", "Target", "Runtime", "Size on disk", "vs dense", "Prefill tok/s", "Decode tok/s",
+              "Decode vs dense", "KL vs own reference", "Gate"], speed, "lllrrrrrrl"),
+            (["Variant", "ΔPPL vs dense, cut", "ΔPPL vs dense, healed", "KL vs dense", "Top-1 vs dense",
+              "Task metric (dense → variant)"], quality, "lrrrrl")]
+
+
+def variants_intro(doc: dict) -> str:
+    meta = doc.get("meta") or {}
+    bench = meta.get("bench") or {}
+    return (f"Dense and each pruning variant measured in one sitting by `edgesmith prune-compare` "
+            f"({meta.get('finished', DASH)}, {meta.get('cpus', DASH)} CPUs, {bench.get('threads', DASH)} threads, "
+            f"{bench.get('prompt_tokens', DASH)}-token prompt, {bench.get('gen_tokens', DASH)} generated tokens, medians of "
+            f"{bench.get('repetitions', DASH)}). Ratios are to dense in this sitting; each gate compares the target "
+            f"with its own variant's torch reference; quality is the prune stage's, on the eval split's answers.")
+
+
+def variants_blocks(doc: dict) -> list:
+    blocks: list = [("p", variants_intro(doc))]
+    for headers, rows, align in variants_tables(doc):
+        if rows:
+            blocks.append(("table", headers, rows, align))
+    blocks.append(("p", NOTE_VARIANTS))
+    return blocks
+
+
+def variants_markdown(doc: dict) -> str:
+    lines = [variants_intro(doc), ""]
+    for headers, rows, _ in variants_tables(doc):
+        lines += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows] + [""]
+    return "\n".join(lines + [NOTE_VARIANTS, ""])

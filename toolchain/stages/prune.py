@@ -10,7 +10,8 @@ quality experiment (no target edgesmith ships runs them faster or smaller: the r
 the mask is re-applied after the healing merge.
 
 Healing (``prune.heal``) trains the pruned model to match the dense fine-tuned one (KL on its logits over
-the fine-tune data and the calibration text) with LoRA or every matrix, through the training harness.
+the fine-tune data, the calibration text and texts the dense model writes from the built-in prose's
+openings) with LoRA or every matrix, through the training harness.
 
 Figures (manifest and report): size on disk, parameters, geometry before and after, per-layer
 importance, and for dense / cut / healed: perplexity on the eval split's answer tokens, its change
@@ -74,6 +75,9 @@ class HealSection:
     temperature: float = opt(1.0, min=0.1, help="softmax temperature of the KL")
     ce_weight: float = opt(0.0, min=0, help="weight of the cross-entropy on the labels added to the KL")
     calibration_text: bool = opt(True, help="distil on the calibration text too, not only the fine-tune data")
+    generated: int = opt(32, min=0, help="texts the dense model writes (sampled from the built-in prose's openings) "
+                         "distilled on too: a cut model loses general text first, and the gates measure on prose")
+    generated_tokens: int = opt(128, min=8, help="new tokens per generated text")
     seed: int = opt(0, help="training seed")
 
 
@@ -228,9 +232,10 @@ def compare_models(ctx, dense_dir: Path, cut_dir: Path, healed_dir: Path | None,
 def heal(ctx, cut_dir: Path, dense_dir: Path, data_dir: Path | None, sequences, tok, hcfg, work: Path,
          final_dir: Path) -> dict:
     """Distil the cut model from the dense one through the training harness; the healed model goes to final_dir."""
+    from toolchain.core import prompts
     from toolchain.pipeline.recipe import DataSection, HftSection, TrainSection
     from toolchain.stages.data import read_jsonl
-    from toolchain.training.distill import Distill
+    from toolchain.training.distill import Distill, openings, teacher_texts
     from toolchain.training.method import method_for
     from toolchain.training.trainer import train
 
@@ -238,6 +243,12 @@ def heal(ctx, cut_dir: Path, dense_dir: Path, data_dir: Path | None, sequences, 
     eval_rows = read_jsonl(data_dir / "eval.jsonl") if data_dir else []
     if hcfg.calibration_text or not rows:
         rows = rows + [{"text": tok.decode(seq)} for seq in sequences]
+    generated = []
+    if hcfg.generated:
+        ctx.log(f"  healing: the dense model writes {hcfg.generated} texts of {hcfg.generated_tokens} tokens")
+        generated = teacher_texts(dense_dir, openings(prompts.CALIBRATION_TEXTS), hcfg.generated,
+                                  hcfg.generated_tokens, seed=hcfg.seed)
+        rows = rows + [{"text": t} for t in generated]
     inner = method_for("lora" if hcfg.train == "lora" else "hft")
     tcfg = TrainSection(method=inner.name, max_steps=hcfg.steps, learning_rate=hcfg.learning_rate,
                         batch_size=hcfg.batch_size, lr_scheduler="cosine", warmup_ratio=0.1, eval_every="no",
@@ -254,7 +265,8 @@ def heal(ctx, cut_dir: Path, dense_dir: Path, data_dir: Path | None, sequences, 
     figures = train(cut_dir, rows, [], tcfg, dcfg, work, method, progress=ctx.progress)
     merged = method.merge(cut_dir, work, final_dir, ctx.recipe, data_dir)
     figures.pop("log_history", None)
-    return {"train": figures, "merge": merged, "eval_rows": len(eval_rows)}
+    return {"train": figures, "merge": merged, "eval_rows": len(eval_rows), "texts": len(rows),
+            "generated": {"texts": len(generated), "sample": generated[:3]}}
 
 
 def _importance_png(figures: dict) -> bytes | None:

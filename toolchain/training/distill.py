@@ -96,3 +96,51 @@ def distill_loss(student, teacher, inputs: dict, num_items=None, temperature: fl
     if ce_weight:
         total = total + ce_weight * F.cross_entropy(s_logits, shift[keep], reduction="sum")
     return token_mean(total, keep, num_items), outputs
+
+
+def openings(texts, words: int = 4) -> list[str]:
+    """The first ``words`` words of every sentence of ``texts``: where the teacher starts writing."""
+    import re
+
+    out = []
+    for text in texts:
+        for sentence in re.split(r"(?<=[.!?])\s+|\n", text):
+            head = " ".join(sentence.split()[:words])
+            if len(head.split()) == words and head not in out:
+                out.append(head)
+    return out
+
+
+def teacher_texts(teacher_dir: Path, starts: list[str], count: int, new_tokens: int, seed: int = 0,
+                  batch_size: int = 8, progress=None) -> list[str]:
+    """``count`` texts the teacher writes, sampled (temperature 1, top-p 0.95) from ``starts`` in turn.
+
+    Distilling on the teacher's own writing gives the student the teacher's distribution on general
+    text without any corpus (sequence-level distillation); the fine-tune rows alone teach only the task.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if count <= 0 or not starts:
+        return []
+    tok = AutoTokenizer.from_pretrained(teacher_dir)
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    texts: list[str] = []
+    try:
+        for first in range(0, count, batch_size):
+            batch = [starts[i % len(starts)] for i in range(first, min(count, first + batch_size))]
+            enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.no_grad():
+                ids = model.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+                                     max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id)
+            texts += [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
+            if progress:
+                progress(len(texts), count)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return [t for t in texts if t]
