@@ -119,6 +119,7 @@ def test_prune_compare_measures_every_variant_and_reports_them(tmp_path, tiny_mo
     md = (run_dir / "report" / "report.md").read_text()
     assert "edgesmith prune-compare" in md and "| unstructured-50 | onnx-fp32 |" in md and "Decode vs dense" in md
     assert "no target edgesmith ships runs unstructured" in md.lower()
+    assert "prune_variants.png" in md and (run_dir / "report" / "prune_variants.png").stat().st_size > 1000
 
 
 def test_prune_compare_names_a_bad_variant(tmp_path, tiny_model_dir, capsys):

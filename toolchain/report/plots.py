@@ -192,3 +192,38 @@ def importance_png(angular: list[float] | None, dropped=()) -> bytes | None:
     ax.grid(axis="y", alpha=0.3)
     ax.tick_params(labelsize=8)
     return _png(fig)
+
+
+def variants_png(points: list[dict] | None, goal: tuple[float, float] | None = None) -> bytes | None:
+    """Each pruning variant on each target as a point: file size against dense (x) and decode speed
+    against dense (y), dense at (1, 1); ``goal`` = (most size, least speed) shades the region that meets it."""
+    pts = [p for p in (points or []) if _finite(p.get("size_ratio")) and _finite(p.get("decode_ratio"))]
+    if not pts:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    targets = sorted({p["target"] for p in pts})
+    marks = "osD^v<>"
+    palette = [PREFILL_COLOR, DECODE_COLOR, TTFT_COLOR, "#c44e52", "#8172b3", "#937860"]
+    variants = list(dict.fromkeys(p["variant"] for p in pts))
+    for p in pts:
+        ax.scatter(p["size_ratio"], p["decode_ratio"], s=42, color=palette[targets.index(p["target"]) % len(palette)],
+                   marker=marks[variants.index(p["variant"]) % len(marks)])
+    for t in targets:  # legend entries: colour = target, marker = variant
+        ax.scatter([], [], color=palette[targets.index(t) % len(palette)], marker="o", label=t)
+    for v in variants:
+        ax.scatter([], [], color="#777777", marker=marks[variants.index(v) % len(marks)], label=v)
+    xs = [p["size_ratio"] for p in pts] + [1.0]
+    ys = [p["decode_ratio"] for p in pts] + [1.0]
+    if goal:
+        ax.fill_between([min(xs + [goal[0]]) - 0.05, goal[0]], goal[1], max(ys + [goal[1]]) + 0.1, color=TTFT_COLOR,
+                        alpha=0.12, label="goal")
+    ax.axhline(1.0, color="#999999", lw=0.8)
+    ax.axvline(1.0, color="#999999", lw=0.8)
+    ax.set_xlabel("file size / dense", fontsize=8)
+    ax.set_ylabel("decode tok/s / dense", fontsize=8)
+    ax.set_title("Pruning variants against dense (one sitting)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=7, loc="best", ncol=2)
+    return _png(fig)

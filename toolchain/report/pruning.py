@@ -16,7 +16,7 @@ def _mb(n) -> str:
     return fmt(n / 2**20, ".1f") + " MB" if isinstance(n, (int, float)) else DASH
 
 
-def section(p: dict, have_plot: bool) -> tuple:
+def section(p: dict, have_plot: bool, have_variants_plot: bool = False) -> tuple:
     models = p.get("models") if isinstance(p.get("models"), dict) else {}
     sizes = p.get("size_bytes") if isinstance(p.get("size_bytes"), dict) else {}
     structured = p.get("structured") if isinstance(p.get("structured"), dict) else {}
@@ -58,7 +58,7 @@ def section(p: dict, have_plot: bool) -> tuple:
     if have_plot:
         blocks.append(("img", "importance", "Per-layer importance (angular distance) on the calibration sample"))
     if isinstance(p.get("variants"), dict):
-        blocks += variants_blocks(p["variants"])
+        blocks += variants_blocks(p["variants"], have_variants_plot)
     return ("Pruning", blocks)
 
 
@@ -67,6 +67,32 @@ VARIANTS_FILE = "prune-variants.json"  # in the run folder, next to report.html
 NOTE_VARIANTS = ("No target edgesmith ships runs unstructured or N:M sparsity faster or smaller: onnxruntime, "
                  "llama.cpp and MLC store and multiply the zeros densely, so those rows are dense's size and speed. "
                  "Only the structured cut (fewer layers, narrower MLPs, fewer heads) pays on the edge.")
+
+
+# the region the variants plot shades: at least 20% smaller and 1.2x dense decode at the same quantisation
+PAYS = (0.80, 1.20)
+
+
+def variant_points(doc: dict) -> list[dict]:
+    """Per variant, target and runtime: size and decode speed as ratios to dense in the same sitting."""
+    variants = doc.get("variants") if isinstance(doc, dict) and isinstance(doc.get("variants"), dict) else {}
+    dense = (variants.get("dense") or {}).get("targets") or {}
+    out = []
+    for name, v in variants.items():
+        for target, t in ((v.get("targets") or {}) if isinstance(v, dict) else {}).items():
+            d = dense.get(target) or {}
+            d_runs = {r.get("runtime"): r for r in d.get("runs", [])}
+            for r in t.get("runs", []):
+                dr = d_runs.get(r.get("runtime")) or {}
+                size, dsize, dec, ddec = t.get("size_bytes"), d.get("size_bytes"), r.get("decode_tps"), dr.get("decode_tps")
+                out.append({"variant": name, "target": target, "runtime": r.get("runtime"),
+                            "size_ratio": size / dsize if _num(size) and _num(dsize) else None,
+                            "decode_ratio": dec / ddec if _num(dec) and _num(ddec) else None})
+    return out
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
 
 
 def _ratio(a, b) -> str:
@@ -95,21 +121,23 @@ def variants_tables(doc: dict) -> list[tuple[list[str], list[list[str]], str]]:
                               fmt(r.get("decode_tps"), ".1f"), _ratio(r.get("decode_tps"), dr.get("decode_tps")),
                               fmt(r.get("kl_mean"), ".3g"), gate])
     quality = []
+    dense_metric = next((m.get("task_metric") for x in variants.values()
+                         for k, m in ((x.get("pruning") or {}).get("models") or {}).items() if k == "dense"), None)
     for name, v in variants.items():
         models = (v.get("pruning") or {}).get("models") or {}
         if name == "dense" or not models:
-            dense_metric = next((m.get("task_metric") for x in variants.values()
-                                 for k, m in ((x.get("pruning") or {}).get("models") or {}).items() if k == "dense"), None)
-            quality.append([name, DASH, DASH, DASH, DASH, fmt(dense_metric, ".3f")])
+            quality.append([name, DASH, DASH, DASH, DASH, fmt(dense_metric, ".3f"), DASH, DASH])
             continue
-        before, after = models.get("pruned") or {}, models.get("healed") or models.get("pruned") or {}
-        quality.append([name, _signed_pct(before.get("delta_ppl")), _signed_pct(after.get("delta_ppl")),
+        before, healed = models.get("pruned") or {}, models.get("healed") or {}
+        after = healed or before
+        quality.append([name, _signed_pct(before.get("delta_ppl")), _signed_pct(healed.get("delta_ppl")),
                         fmt(after.get("kl_mean"), ".3g"), fmt_pct(after.get("top1")),
-                        f"{fmt((models.get('dense') or {}).get('task_metric'), '.3f')} → {fmt(after.get('task_metric'), '.3f')}"])
+                        fmt((models.get("dense") or {}).get("task_metric"), ".3f"), fmt(before.get("task_metric"), ".3f"),
+                        fmt(healed.get("task_metric"), ".3f")])
     return [(["Variant", "Target", "Runtime", "Size on disk", "vs dense", "Prefill tok/s", "Decode tok/s",
               "Decode vs dense", "KL vs own reference", "Gate"], speed, "lllrrrrrrl"),
             (["Variant", "ΔPPL vs dense, cut", "ΔPPL vs dense, healed", "KL vs dense", "Top-1 vs dense",
-              "Task metric (dense → variant)"], quality, "lrrrrl")]
+              "Task metric, dense", "Task metric, cut", "Task metric, healed"], quality, "lrrrrrrr")]
 
 
 def variants_intro(doc: dict) -> str:
@@ -122,8 +150,11 @@ def variants_intro(doc: dict) -> str:
             f"with its own variant's torch reference; quality is the prune stage's, on the eval split's answers.")
 
 
-def variants_blocks(doc: dict) -> list:
+def variants_blocks(doc: dict, have_plot: bool = False) -> list:
     blocks: list = [("p", variants_intro(doc))]
+    if have_plot:
+        blocks.append(("img", "variants", "Size and decode speed of each variant against dense; shaded: at least "
+                                          f"{100 * (1 - PAYS[0]):.0f}% smaller and {PAYS[1]}x faster"))
     for headers, rows, align in variants_tables(doc):
         if rows:
             blocks.append(("table", headers, rows, align))

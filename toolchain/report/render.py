@@ -35,7 +35,8 @@ from toolchain.report.format import (
 SAMPLES_SHOWN = 5  # task samples in the report (the rest stay in report.json)
 KEY_CHARS = 12  # stage cache keys are shown shortened, like git commit ids
 FILE_MODE = 0o644
-PLOTS = {"latency": "latency.png", "loss": "loss.png", "task": "task_metric.png", "importance": "importance.png"}
+PLOTS = {"latency": "latency.png", "loss": "loss.png", "task": "task_metric.png", "importance": "importance.png",
+         "variants": "prune_variants.png"}
 
 
 # ---------------------------------------------------------------- content
@@ -328,7 +329,7 @@ def build_sections(data: dict, have: set[str]) -> tuple[str, list[tuple]]:
     if isinstance(data.get("pruning"), dict):
         from toolchain.report import pruning
 
-        sections.append(pruning.section(data["pruning"], "importance" in have))
+        sections.append(pruning.section(data["pruning"], "importance" in have, "variants" in have))
     if isinstance(data.get("task"), dict):
         sections.append(_task_section(data["task"], "task" in have))
     targets, bench = _dicts(data.get("targets")), _dicts(data.get("bench"))
@@ -452,6 +453,13 @@ def _importance_png(pruning) -> bytes | None:
     return plots.importance_png(calib.get("angular_distance"), structured.get("dropped_layers") or ())
 
 
+def _variants_png(pruning) -> bytes | None:
+    from toolchain.report.pruning import PAYS, variant_points
+
+    doc = pruning.get("variants") if isinstance(pruning, dict) else None
+    return plots.variants_png(variant_points(doc), goal=PAYS) if isinstance(doc, dict) else None
+
+
 def write_report(data: dict, out_dir: Path) -> list[Path]:
     """Write report.json, report.md, report.html and the plots the data allows into out_dir.
 
@@ -468,7 +476,8 @@ def write_report(data: dict, out_dir: Path) -> list[Path]:
     pngs = {"latency": plots.latency_png(_dicts(clean.get("bench"))),
             "loss": plots.loss_png(_dicts(train.get("log_history"))),
             "task": plots.task_png(clean.get("task")),
-            "importance": _importance_png(clean.get("pruning"))}
+            "importance": _importance_png(clean.get("pruning")),
+            "variants": _variants_png(clean.get("pruning"))}
     images = {k: v for k, v in pngs.items() if v}
     written = []
     for key, name in PLOTS.items():

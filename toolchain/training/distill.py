@@ -1,8 +1,8 @@
 """Distillation: train a student to match a teacher's next-token distributions (KL on its logits).
 
 Used to heal a pruned model (``toolchain/stages/prune.py``): the student is the pruned model, the
-teacher the dense fine-tuned model it was cut from, the texts the fine-tune data and the calibration
-text. The student trains with an existing method (LoRA adapters, or every matrix: hft with fraction 1)
+teacher the dense fine-tuned model it was cut from, the texts the fine-tune data, the calibration
+text and texts the teacher writes itself (``teacher_texts``: the general text a cut model loses first). The student trains with an existing method (LoRA adapters, or every matrix: hft with fraction 1)
 through the shared harness (``toolchain/training/trainer.py``); only the loss differs:
 
     loss = T^2 * sum over kept positions of KL(softmax(teacher / T) || softmax(student / T)) / tokens
@@ -112,13 +112,14 @@ def openings(texts, words: int = 4) -> list[str]:
 
 
 def teacher_texts(teacher_dir: Path, starts: list[str], count: int, new_tokens: int, seed: int = 0,
-                  batch_size: int = 8, progress=None) -> list[str]:
+                  batch_size: int = 8, progress: bool = False) -> list[str]:
     """``count`` texts the teacher writes, sampled (temperature 1, top-p 0.95) from ``starts`` in turn.
 
     Distilling on the teacher's own writing gives the student the teacher's distribution on general
     text without any corpus (sequence-level distillation); the fine-tune rows alone teach only the task.
     """
     import torch
+    from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if count <= 0 or not starts:
@@ -132,15 +133,13 @@ def teacher_texts(teacher_dir: Path, starts: list[str], count: int, new_tokens: 
     torch.manual_seed(seed)
     texts: list[str] = []
     try:
-        for first in range(0, count, batch_size):
+        for first in tqdm(range(0, count, batch_size), desc="teacher writes", disable=not progress, leave=False):
             batch = [starts[i % len(starts)] for i in range(first, min(count, first + batch_size))]
             enc = tok(batch, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
                 ids = model.generate(**enc, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
                                      max_new_tokens=new_tokens, pad_token_id=tok.pad_token_id)
             texts += [t.strip() for t in tok.batch_decode(ids, skip_special_tokens=True)]
-            if progress:
-                progress(len(texts), count)
     finally:
         torch.random.set_rng_state(generator_state)
     return [t for t in texts if t]
