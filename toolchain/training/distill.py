@@ -2,8 +2,9 @@
 
 Used to heal a pruned model (``toolchain/stages/prune.py``): the student is the pruned model, the
 teacher the dense fine-tuned model it was cut from, the texts the fine-tune data, the calibration
-text and texts the teacher writes itself (``teacher_texts``: the general text a cut model loses first). The student trains with an existing method (LoRA adapters, or every matrix: hft with fraction 1)
-through the shared harness (``toolchain/training/trainer.py``); only the loss differs:
+text and texts the teacher writes itself (``teacher_texts``: the general text a cut model loses
+first). The student trains with an existing method (LoRA adapters, or every matrix: hft with
+fraction 1) through the shared harness (``toolchain/training/trainer.py``); only the loss differs:
 
     loss = T^2 * sum over kept positions of KL(softmax(teacher / T) || softmax(student / T)) / tokens
            (+ ce_weight * the cross-entropy on the labels, when asked)
