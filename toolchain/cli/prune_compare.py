@@ -12,7 +12,8 @@ shared:
 - ``2:4`` / ``4:8``: N of every M consecutive weights of a row kept (the same).
 
 Only the targets a native runtime benchmarks are compared (GGUF on llama.cpp, ONNX on onnxruntime;
-``--target`` picks others). Every bench stage runs again now, so all speeds come from this sitting.
+``--target`` picks others). Every variant's model and exports are made first; then every bench stage
+runs again, back to back, so all speeds come from one sitting.
 The figures (size on disk, prefill and decode tok/s, the gate against each variant's own
 reference, and the prune stage's quality against dense) go to ``<run>/prune-variants.json``; the
 recipe's own run is then finished and its report rewritten with the table.
@@ -147,16 +148,20 @@ def run_prune_compare(args) -> int:
     targets = compared_targets(recipe, args.target)
     progress = not args.quiet and sys.stderr.isatty()
     results, t0 = {}, time.perf_counter()
-    for name in names:
-        print(f"== variant {name}", flush=True)
-        runner = Runner(Context(variant_recipe(recipe, name, targets), progress=progress))
-        steps = runner.execute(select(runner.stages, until="bench"), {"bench"})  # every speed from this sitting
-        results[name] = summarise(runner, steps)
+    runners = {name: Runner(Context(variant_recipe(recipe, name, targets), progress=progress)) for name in names}
+    for name, runner in runners.items():  # first every model and export (pruning, healing: the slow part)
+        print(f"== variant {name}: model and exports", flush=True)
+        runner.execute(select(runner.stages, until="export"))
+    t_bench = time.perf_counter()
+    for name, runner in runners.items():  # then every benchmark again, back to back: speeds from one sitting
+        print(f"== variant {name}: benchmarks", flush=True)
+        results[name] = summarise(runner, runner.execute(select(runner.stages, until="bench"), {"bench"}))
     doc = {"meta": {"recipe": str(recipe.recipe_path), "variants": names, "targets": targets,
                     "bench": {k: getattr(recipe.bench, k) for k in ("threads", "prompt_tokens", "gen_tokens",
                                                                   "repetitions", "warmup")},
                     "cpus": os.cpu_count(), "loadavg_end": list(os.getloadavg()),
-                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": time.perf_counter() - t0},
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": time.perf_counter() - t0,
+                    "bench_wall_s": time.perf_counter() - t_bench},
            "variants": results}
     runner = Runner(Context(recipe, progress=progress))
     write_json_atomic(runner.run_dir / VARIANTS_FILE, doc, indent=1)

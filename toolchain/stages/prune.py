@@ -247,7 +247,7 @@ def heal(ctx, cut_dir: Path, dense_dir: Path, data_dir: Path | None, sequences, 
     if hcfg.generated:
         ctx.log(f"  healing: the dense model writes {hcfg.generated} texts of {hcfg.generated_tokens} tokens")
         generated = teacher_texts(dense_dir, openings(prompts.CALIBRATION_TEXTS), hcfg.generated,
-                                  hcfg.generated_tokens, seed=hcfg.seed, progress=ctx.progress)
+                                  hcfg.generated_tokens, seed=hcfg.seed, batch_size=16, progress=ctx.progress)
         rows = rows + [{"text": t} for t in generated]
     inner = method_for("lora" if hcfg.train == "lora" else "hft")
     tcfg = TrainSection(method=inner.name, max_steps=hcfg.steps, learning_rate=hcfg.learning_rate,
