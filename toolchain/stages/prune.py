@@ -68,7 +68,8 @@ class SparseCut:
 @dataclass
 class HealSection:
     steps: int = opt(60, min=1, help="optimiser steps of distillation")
-    train: str = opt("lora", choices=("lora", "full"), help="what trains: LoRA adapters (merged after) or every matrix")
+    train: str = opt("lora", choices=("lora", "full"),
+                     help="what trains: LoRA adapters (merged after) or every decoder matrix (the embedding stays)")
     learning_rate: float = opt(1e-3, min=0, help="peak learning rate (full: use ~1e-4)")
     batch_size: int = opt(8, min=1, help="examples per batch")
     rank: int = opt(16, min=1, help="LoRA rank (train: lora)")
