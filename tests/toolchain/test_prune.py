@@ -102,7 +102,8 @@ def test_prune_compare_measures_every_variant_and_reports_them(tmp_path, tiny_mo
     prune = {"score": "wanda", "layers": {"drop": 1}, "mlp": {"keep": 64},
              "heal": {"steps": 1, "batch_size": 4, "learning_rate": 1e-3, "rank": 4, "generated": 0}}
     path = write_recipe(tmp_path, tiny_model_dir, prune)
-    assert main(["prune-compare", str(path), "--quiet", "--variants", "dense,structured,unstructured-50"]) == 0
+    assert main(["prune-compare", str(path), "--quiet", "--variants", "dense,structured,unstructured-50",
+                 "--rounds", "2"]) == 0
     run_dir = tmp_path / "runs" / "p"
     doc = json.loads((run_dir / "prune-variants.json").read_text())
     assert list(doc["variants"]) == ["dense", "structured", "unstructured-50"] and doc["meta"]["targets"] == ["onnx-fp32"]

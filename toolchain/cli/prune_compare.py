@@ -13,7 +13,8 @@ shared:
 
 Only the targets a native runtime benchmarks are compared (GGUF on llama.cpp, ONNX on onnxruntime;
 ``--target`` picks others). Every variant's model and exports are made first; then every bench stage
-runs again, back to back, so all speeds come from one sitting.
+runs again, variant after variant, for ``--rounds`` rounds (each speed is the median of its rounds),
+so all speeds come from one sitting and a passing load spike moves one round, not the figure.
 The figures (size on disk, prefill and decode tok/s, the gate against each variant's own
 reference, and the prune stage's quality against dense) go to ``<run>/prune-variants.json``; the
 recipe's own run is then finished and its report rewritten with the table.
@@ -44,6 +45,9 @@ def add_prune_compare_parser(sub) -> None:
                         f"(default {DEFAULT_VARIANTS})")
     p.add_argument("--target", action="append", default=[],
                    help="compare this target (repeatable; default: every gguf and onnx target)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="benchmark every variant this many times in turn; each speed is the median of its rounds "
+                        "(a busy machine slows one variant's stage, not all of them; default 3)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe value")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -127,6 +131,22 @@ def summarise(runner, steps) -> dict:
     return {"targets": targets, "pruning": pruning}
 
 
+def merge_rounds(got: list[dict]) -> dict:
+    """One variant's rounds as one: each speed the median of its rounds' medians (every round's kept);
+    sizes, gates and the prune figures are the same in every round (the last one's)."""
+    import statistics
+
+    out = copy.deepcopy(got[-1])
+    for target, t in out["targets"].items():
+        for i, run in enumerate(t.get("runs", [])):
+            for key in ("prefill_tps", "decode_tps"):
+                values = [g["targets"][target]["runs"][i][key] for g in got
+                          if g["targets"].get(target) and g["targets"][target]["runs"][i].get(key) is not None]
+                run[key] = statistics.median(values) if values else None
+                run[key + "_rounds"] = values
+    return out
+
+
 def _median(stat):
     return stat.get("median", stat.get("mean")) if isinstance(stat, dict) else stat
 
@@ -142,24 +162,29 @@ def run_prune_compare(args) -> int:
     if getattr(recipe, "prune", None) is None:
         raise EdgesmithError(f"{recipe.recipe_path}: prune-compare needs a prune section (the variants keep its "
                              "score and heal); add one, e.g. prune: {layers: {drop: 2}, heal: {steps: 40}}")
+    if args.rounds < 1:
+        raise EdgesmithError(f"--rounds {args.rounds}: give at least 1")
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     for n in names:
         variant_prune(recipe, n)  # every name checked before anything runs
     targets = compared_targets(recipe, args.target)
     progress = not args.quiet and sys.stderr.isatty()
-    results, t0 = {}, time.perf_counter()
+    t0 = time.perf_counter()
     runners = {name: Runner(Context(variant_recipe(recipe, name, targets), progress=progress)) for name in names}
     for name, runner in runners.items():  # first every model and export (pruning, healing: the slow part)
         print(f"== variant {name}: model and exports", flush=True)
         runner.execute(select(runner.stages, until="export"))
     t_bench = time.perf_counter()
-    for name, runner in runners.items():  # then every benchmark again, back to back: speeds from one sitting
-        print(f"== variant {name}: benchmarks", flush=True)
-        results[name] = summarise(runner, runner.execute(select(runner.stages, until="bench"), {"bench"}))
+    rounds: dict = {name: [] for name in names}
+    for r in range(args.rounds):  # then every benchmark again, variant after variant, round after round
+        for name, runner in runners.items():
+            print(f"== variant {name}: benchmarks, round {r + 1} of {args.rounds}", flush=True)
+            rounds[name].append(summarise(runner, runner.execute(select(runner.stages, until="bench"), {"bench"})))
+    results = {name: merge_rounds(got) for name, got in rounds.items()}
     doc = {"meta": {"recipe": str(recipe.recipe_path), "variants": names, "targets": targets,
                     "bench": {k: getattr(recipe.bench, k) for k in ("threads", "prompt_tokens", "gen_tokens",
                                                                   "repetitions", "warmup")},
-                    "cpus": os.cpu_count(), "loadavg_end": list(os.getloadavg()),
+                    "rounds": args.rounds, "cpus": os.cpu_count(), "loadavg_end": list(os.getloadavg()),
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "wall_s": time.perf_counter() - t0,
                     "bench_wall_s": time.perf_counter() - t_bench},
            "variants": results}

@@ -143,11 +143,14 @@ def variants_tables(doc: dict) -> list[tuple[list[str], list[list[str]], str]]:
 def variants_intro(doc: dict) -> str:
     meta = doc.get("meta") or {}
     bench = meta.get("bench") or {}
+    rounds = meta.get("rounds", 1)
+    then = f", then the median of {rounds} rounds taken in turn" if isinstance(rounds, int) and rounds > 1 else ""
     return (f"Dense and each pruning variant measured in one sitting by `edgesmith prune-compare` "
             f"({meta.get('finished', DASH)}, {meta.get('cpus', DASH)} CPUs, {bench.get('threads', DASH)} threads, "
-            f"{bench.get('prompt_tokens', DASH)}-token prompt, {bench.get('gen_tokens', DASH)} generated tokens, medians of "
-            f"{bench.get('repetitions', DASH)}). Ratios are to dense in this sitting; each gate compares the target "
-            f"with its own variant's torch reference; quality is the prune stage's, on the eval split's answers.")
+            f"{bench.get('prompt_tokens', DASH)}-token prompt, {bench.get('gen_tokens', DASH)} generated tokens, "
+            f"medians of {bench.get('repetitions', DASH)} repetitions{then}). Ratios are to dense in this sitting; "
+            "each gate compares the target with its own variant's torch reference; quality is the prune stage's, "
+            "on the eval split's answers.")
 
 
 def variants_blocks(doc: dict, have_plot: bool = False) -> list:
