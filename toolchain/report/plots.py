@@ -217,7 +217,7 @@ def variants_png(points: list[dict] | None, goal: tuple[float, float] | None = N
     ys = [p["decode_ratio"] for p in pts] + [1.0]
     if goal:
         ax.fill_between([min(xs + [goal[0]]) - 0.05, goal[0]], goal[1], max(ys + [goal[1]]) + 0.1, color=TTFT_COLOR,
-                        alpha=0.12, label="goal")
+                        alpha=0.12, label=f"<= {goal[0]:.2f}x size, >= {goal[1]:.2f}x decode")
     ax.axhline(1.0, color="#999999", lw=0.8)
     ax.axvline(1.0, color="#999999", lw=0.8)
     ax.set_xlabel("file size / dense", fontsize=8)
