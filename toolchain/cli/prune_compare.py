@@ -101,7 +101,7 @@ def compared_targets(recipe, wanted: list[str]) -> list[str]:
 def summarise(runner, steps) -> dict:
     """One variant's figures from its run's artifacts: per target size and speed, and the prune stage's."""
     from toolchain.pipeline.artifacts import Artifact
-    from toolchain.quality.gates import verdict
+    from toolchain.quality.gates import bench_verdict
 
     targets: dict = {}
     pruning = {}
@@ -111,10 +111,9 @@ def summarise(runner, steps) -> dict:
             continue
         fig = art.figures
         if step.stage.kind == "export":
-            size = sum(e["size"] for e in art.manifest.get("files", []))
-            targets.setdefault(step.stage.target, {})["size_bytes"] = size
+            targets.setdefault(step.stage.target, {})["size_bytes"] = art.size_bytes
         elif step.stage.kind == "bench":
-            gate = verdict(fig.get("format"), fig.get("gate_key") or fig.get("precision"), fig.get("quality"))
+            gate = bench_verdict(fig)
             row = targets.setdefault(step.stage.target, {})
             row.setdefault("runs", []).append({
                 "runtime": fig.get("runtime"), "prefill_tps": _median(fig.get("prefill_tps")),

@@ -85,7 +85,7 @@ def gate_summary(steps, runner) -> int:
     """Print each benchmarked target's quality gate, and each gate an export checked on its own
     files (the webllm NumPy reference check); exit code 3 when one failed."""
     from toolchain.pipeline.artifacts import Artifact
-    from toolchain.quality.gates import verdict
+    from toolchain.quality.gates import bench_verdict, verdict
 
     failed = 0
     for step in steps:
@@ -94,7 +94,7 @@ def gate_summary(steps, runner) -> int:
         art = Artifact.open(runner.store.path_for(step.stage.id, step.key))
         fig = art.figures if art else {}
         if step.stage.kind == "bench":
-            gates = {"": verdict(fig.get("format"), fig.get("gate_key") or fig.get("precision"), fig.get("quality"))}
+            gates = {"": bench_verdict(fig)}
         else:
             gates = {f" {name}": verdict(fig.get("format"), name, chk.get("quality"))
                      for name, chk in (fig.get("reference_check") or {}).items()}

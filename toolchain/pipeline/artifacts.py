@@ -86,6 +86,11 @@ class Artifact:
     def figures(self) -> dict:
         return self.manifest.get("figures", {})
 
+    @property
+    def size_bytes(self) -> int:
+        """Bytes of the files the manifest lists (what a target ships)."""
+        return sum(e["size"] for e in self.manifest.get("files", []))
+
     @classmethod
     def open(cls, path: Path) -> "Artifact | None":
         mf = Path(path) / MANIFEST

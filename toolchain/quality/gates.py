@@ -130,6 +130,11 @@ def gate_for(fmt: str | None, key: str | None) -> Gate | None:
     return TIERS[tier] if tier else None
 
 
+def bench_verdict(figures: dict) -> dict | None:
+    """The gate verdict of one bench stage's figures (its format, gate key or precision, and quality)."""
+    return verdict(figures.get("format"), figures.get("gate_key") or figures.get("precision"), figures.get("quality"))
+
+
 def verdict(fmt: str | None, key: str | None, quality: dict | None) -> dict | None:
     gate = gate_for(fmt, key)
     if gate is None or not quality:

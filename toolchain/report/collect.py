@@ -5,7 +5,7 @@ import time
 
 from toolchain import __version__
 from toolchain.pipeline.artifacts import Artifact, library_versions
-from toolchain.quality.gates import verdict
+from toolchain.quality.gates import bench_verdict
 
 
 def collect(ctx, inputs: dict[str, Artifact]) -> dict:
@@ -39,7 +39,7 @@ def collect(ctx, inputs: dict[str, Artifact]) -> dict:
     for sid, art in inputs.items():
         if sid.startswith("export-"):
             f = art.figures
-            size = sum(e["size"] for e in art.manifest.get("files", [])) / 2**20
+            size = art.size_bytes / 2**20
             targets.append({"name": f.get("target", sid[7:]), "format": f.get("format"),
                             "precision": f.get("precision"), "size_mb": size, "export_s": f.get("export_s"),
                             "imatrix": f.get("imatrix")})
@@ -50,7 +50,7 @@ def collect(ctx, inputs: dict[str, Artifact]) -> dict:
         elif sid.startswith("bench-"):
             row = dict(art.figures)
             row.pop("greedy_outputs", None)
-            row["gate"] = verdict(row.get("format"), row.get("gate_key") or row.get("precision"), row.get("quality"))
+            row["gate"] = bench_verdict(row)
             bench.append(row)
     if targets:
         data["targets"] = targets

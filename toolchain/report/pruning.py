@@ -95,31 +95,28 @@ def _num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and x > 0
 
 
-def _ratio(a, b) -> str:
-    return f"{a / b:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else DASH
+def _x(ratio) -> str:
+    return f"{ratio:.2f}x" if isinstance(ratio, (int, float)) else DASH
 
 
 def variants_tables(doc: dict) -> list[tuple[list[str], list[list[str]], str]]:
     """Two tables: per variant and target, size and speed against dense; per variant, quality against dense."""
     variants = doc.get("variants") if isinstance(doc.get("variants"), dict) else {}
     targets = (doc.get("meta") or {}).get("targets") or sorted({t for v in variants.values() for t in v.get("targets", {})})
-    dense = (variants.get("dense") or {}).get("targets", {})
+    ratios = {(q["variant"], q["target"], q["runtime"]): q for q in variant_points(doc)}
     speed = []
     for name, v in variants.items():
         for target in targets:
             t = (v.get("targets") or {}).get(target)
             if not t:
                 continue
-            d = dense.get(target) or {}
-            d_runs = {r.get("runtime"): r for r in d.get("runs", [])}
             for r in t.get("runs", []) or [{}]:
-                dr = d_runs.get(r.get("runtime"), {})
+                q = ratios.get((name, target, r.get("runtime")), {})
                 gate = DASH if r.get("gate_passed") is None else "pass" if r["gate_passed"] else \
                     "FAIL (" + "; ".join(r.get("gate_failures") or []) + ")"
                 speed.append([name, target, r.get("runtime") or DASH, _mb(t.get("size_bytes")),
-                              _ratio(t.get("size_bytes"), d.get("size_bytes")), fmt(r.get("prefill_tps"), ".1f"),
-                              fmt(r.get("decode_tps"), ".1f"), _ratio(r.get("decode_tps"), dr.get("decode_tps")),
-                              fmt(r.get("kl_mean"), ".3g"), gate])
+                              _x(q.get("size_ratio")), fmt(r.get("prefill_tps"), ".1f"), fmt(r.get("decode_tps"), ".1f"),
+                              _x(q.get("decode_ratio")), fmt(r.get("kl_mean"), ".3g"), gate])
     quality = []
     dense_metric = next((m.get("task_metric") for x in variants.values()
                          for k, m in ((x.get("pruning") or {}).get("models") or {}).items() if k == "dense"), None)
